@@ -1,0 +1,1 @@
+"""switchkit.data_synthesis: traces, divergent step, rollouts, labels, resume and shards."""

@@ -1,0 +1,1 @@
+"""switchkit.distill: Lightning SFT of the aligned model on switch-generation outputs."""

@@ -1,0 +1,1 @@
+"""switchkit.eval: tasks, loaders, scorers, methods, analyses and reports."""

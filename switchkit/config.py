@@ -1,0 +1,360 @@
+"""Typed recipes: YAML files checked against dataclass schemas, plus ``key=value`` overrides.
+
+A recipe is one YAML file (shipped in ``switchkit.recipes`` or given as a path). It is merged onto the
+:class:`Recipe` schema with OmegaConf, so an unknown key, a wrong type or a value outside its allowed set
+fails with a :class:`ConfigError` that names the key. Range checks that types cannot express live in
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ROLES = ("pretrained", "finetuned", "aligned", "expert")
+TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message is one line naming the key."""
+
+
+@dataclass
+class CandidateConfig:
+    """One checkpoint of the pool. ``source`` is a hub id, a local HF dir, a ``.gguf`` file or ``demo:NAME``."""
+
+    source: str = "???"
+    role: Literal["pretrained", "finetuned", "aligned", "expert"] = "aligned"
+    name: Optional[str] = None
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class PoolConfig:
+    candidates: list[CandidateConfig] = field(default_factory=list)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    cache_dir: Optional[str] = None
+    trust_remote_code: bool = False
+    plain_template: str = "Question: {query}\nAnswer:"
+
+
+@dataclass
+class GenerationConfig:
+    patch_size: int = 50
+    max_new_tokens: int = 512
+    aligned_first_last: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class SwitcherConfig:
+    policy: Literal["trained", "untuned", "random", "forced", "single"] = "trained"
+    path: Optional[str] = None
+    top_p: float = 0.7
+    greedy: bool = False
+    forced: list[int] = field(default_factory=list)
+    single: int = -1
+    prompt_format: Literal["v1"] = "v1"
+
+
+@dataclass
+class TaskConfig:
+    """A task: ``source`` is a hub dataset id, a local JSON/JSONL/Parquet file, or ``builtin:NAME``."""
+
+    name: str = "???"
+    type: Literal["exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model"] = "exact_match"
+    source: str = "???"
+    split: str = "dev"
+    fields: dict[str, str] = field(default_factory=dict)
+    limit: Optional[int] = None
+    reward_model: Optional[str] = None
+    hub_config: Optional[str] = None
+
+
+@dataclass
+class SynthesisConfig:
+    k: int = 32
+    records_per_task: int = 10000
+    trace_min_frac: float = 0.1
+    trace_max_frac: float = 0.9
+    tie_rule: Literal["random", "lowest", "aligned", "drop"] = "random"
+    shard: int = 0
+    num_shards: int = 1
+    output: Optional[str] = None
+    format: Literal["parquet", "jsonl"] = "parquet"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    init: Optional[str] = None
+    per_task: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int = 5
+    lr: float = 2e-4
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    max_length: int = 1024
+    val_fraction: float = 0.1
+    soft_targets: bool = False
+    soft_temperature: float = 1.0
+    strategy: Literal["auto", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    devices: str = "auto"
+    num_nodes: int = 1
+    seed: int = 0
+    output: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: ["single", "random", "switch"])
+    tasks: list[TaskConfig] = field(default_factory=list)
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    limit: Optional[int] = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output: Optional[str] = None
+
+
+@dataclass
+class DistillConfig:
+    generations: Optional[str] = None
+    min_score: Optional[float] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 8
+    micro_batch_size: int = 4
+    max_length: int = 1024
+    strategy: Literal["auto", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    output: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    run_dir: str = "runs/${name}"
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    switcher: SwitcherConfig = field(default_factory=SwitcherConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# (key, check, what is allowed); keys use "*" for any list index.
+_RANGES: list[tuple[str, Any, str]] = [
+    ("generation.patch_size", lambda v: v > 0, "an integer > 0"),
+    ("generation.max_new_tokens", lambda v: v > 0, "an integer > 0"),
+    ("generation.temperature", lambda v: v >= 0, "a float >= 0 (0 is greedy)"),
+    ("generation.top_p", lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    ("generation.batch_size", lambda v: v > 0, "an integer > 0"),
+    ("switcher.top_p", lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    ("synthesis.k", lambda v: v > 0, "an integer > 0"),
+    ("synthesis.records_per_task", lambda v: v > 0, "an integer > 0"),
+    ("synthesis.trace_min_frac", lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    ("synthesis.trace_max_frac", lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    ("synthesis.num_shards", lambda v: v > 0, "an integer > 0"),
+    ("synthesis.shard", lambda v: v >= 0, "an integer >= 0"),
+    ("train.epochs", lambda v: v > 0, "an integer > 0"),
+    ("train.lr", lambda v: v > 0, "a float > 0"),
+    ("train.batch_size", lambda v: v > 0, "an integer > 0"),
+    ("train.micro_batch_size", lambda v: v > 0, "an integer > 0"),
+    ("train.max_length", lambda v: v >= 16, "an integer >= 16"),
+    ("train.val_fraction", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    ("train.soft_temperature", lambda v: v > 0, "a float > 0"),
+    ("train.lora.r", lambda v: v > 0, "an integer > 0"),
+    ("train.lora.dropout", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    ("distill.epochs", lambda v: v > 0, "an integer > 0"),
+    ("distill.lr", lambda v: v > 0, "a float > 0"),
+    ("distill.batch_size", lambda v: v > 0, "an integer > 0"),
+    ("distill.micro_batch_size", lambda v: v > 0, "an integer > 0"),
+    ("distill.lora.r", lambda v: v > 0, "an integer > 0"),
+    ("tasks.*.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
+    ("eval.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
+]
+
+
+def _lookup(cfg: Any, parts: list[str], prefix: str = ""):
+    """Yield (full_key, value) for a dotted key whose parts may contain '*' for list indices."""
+    if not parts:
+        yield prefix, cfg
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        for i, item in enumerate(cfg):
+            yield from _lookup(item, rest, f"{prefix}.{i}" if prefix else str(i))
+    else:
+        yield from _lookup(getattr(cfg, head), rest, f"{prefix}.{head}" if prefix else head)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Check ranges and cross-field rules that the types cannot express."""
+    for key, ok, allowed in _RANGES:
+        for full_key, value in _lookup(recipe, key.split(".")):
+            if not ok(value):
+                raise ConfigError(f"{full_key}={value!r} is out of range: allowed is {allowed}")
+    if recipe.synthesis.shard >= recipe.synthesis.num_shards:
+        raise ConfigError(
+            f"synthesis.shard={recipe.synthesis.shard} is out of range: allowed is 0..{recipe.synthesis.num_shards - 1}"
+        )
+    if recipe.synthesis.trace_min_frac > recipe.synthesis.trace_max_frac:
+        raise ConfigError("synthesis.trace_min_frac must be <= synthesis.trace_max_frac")
+    n = len(recipe.pool.candidates)
+    if n > 10:
+        raise ConfigError(f"pool.candidates has {n} entries: allowed is at most 10")
+    for i, cand in enumerate(recipe.pool.candidates):
+        if cand.source in ("", "???"):
+            raise ConfigError(f"pool.candidates.{i}.source is missing: give a hub id, HF dir, .gguf file or demo:NAME")
+    for j, model_id in enumerate(recipe.switcher.forced):
+        if not 0 <= model_id < max(n, 1):
+            raise ConfigError(f"switcher.forced.{j}={model_id} is out of range: allowed is 0..{n - 1}")
+    if n and not -n <= recipe.switcher.single < n:
+        raise ConfigError(f"switcher.single={recipe.switcher.single} is out of range: allowed is {-n}..{n - 1}")
+    for i, task in enumerate(recipe.tasks):
+        for attr in ("name", "source"):
+            if getattr(task, attr) in ("", "???"):
+                raise ConfigError(f"tasks.{i}.{attr} is missing")
+    return recipe
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in the package (``generalization/x`` for nested ones)."""
+    root = resources.files("switchkit.recipes")
+    names = []
+
+    def walk(node, prefix):
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith("__"):
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".yaml"):
+                names.append(prefix + child.name[: -len(".yaml")])
+
+    walk(root, "")
+    return sorted(names)
+
+
+def _recipe_text(name: str) -> tuple[str, str]:
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name!r} does not exist")
+        return path.read_text(), str(path)
+    node = resources.files("switchkit.recipes").joinpath(*f"{name}.yaml".split("/"))
+    if not node.is_file():
+        raise ConfigError(f"unknown recipe {name!r}: allowed are {', '.join(list_recipes())} or a path to a .yaml file")
+    return node.read_text(), f"recipe {name}"
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=.*$", re.S)
+
+
+def _describe(exc: OmegaConfBaseException, where: str, key: str = "") -> str:
+    key = key or re.sub(r"\[(\d+)\]", r".\1", getattr(exc, "full_key", None) or "")
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg or "is not in struct" in msg:
+        parent = _existing_parent(key)
+        allowed = _allowed_keys(parent)
+        return f"unknown key {key!r} in {where}: allowed keys{' under ' + repr(parent) if parent else ''} are {allowed}"
+    return f"bad value for {key!r} in {where}: {msg}"
+
+
+def _existing_parent(key: str) -> str:
+    """The longest prefix of a dotted key that names a node of the schema."""
+    parts = key.split(".")[:-1]
+    while parts and _node(".".join(parts)) is None:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _node(dotted: str) -> Any:
+    node: Any = Recipe(pool=PoolConfig(candidates=[CandidateConfig()]), tasks=[TaskConfig()],
+                       eval=EvalConfig(tasks=[TaskConfig()]))
+    for part in filter(None, dotted.split(".")):
+        if isinstance(node, list):
+            node = node[0] if part.isdigit() and node else None
+        else:
+            node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _allowed_keys(parent: str) -> str:
+    fields = getattr(_node(parent), "__dataclass_fields__", {})
+    return ", ".join(fields) or "(none: it is a value, not a section)"
+
+
+def _parse_value(text: str) -> Any:
+    return OmegaConf.create({"v": None} if text == "" else f"v: {text}")["v"] if text else ""
+
+
+def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a packaged or file recipe, apply ``key=value`` overrides, type-check and range-check it."""
+    text, where = _recipe_text(name)
+    schema = OmegaConf.structured(Recipe)
+    try:
+        loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except Exception as exc:  # YAML syntax
+        raise ConfigError(f"cannot parse {where}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{where} must be a mapping of keys, got {type(loaded).__name__}")
+    try:
+        cfg = OmegaConf.merge(schema, loaded)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, where)) from None
+    for item in overrides:
+        if not _OVERRIDE.match(item):
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = _parse_value(raw)
+            OmegaConf.update(cfg, key, value, merge=False, force_add=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, "overrides", key)) from None
+        except Exception as exc:
+            raise ConfigError(f"bad override {item!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, where)) from None
+    return validate(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``toolkit show-recipe`` prints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain Python containers (for JSON metadata)."""
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+
+
+def run_path(recipe: Recipe, explicit: Optional[str], default_name: str) -> Path:
+    """An output path: the explicit one if set, else ``run_dir/default_name``."""
+    return Path(explicit) if explicit else Path(recipe.run_dir) / default_name

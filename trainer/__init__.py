@@ -1,0 +1,1 @@
+"""switchkit.trainer: Lightning switcher module, datamodule, strategies and export."""
