@@ -241,24 +241,28 @@ class Pool:
         return "\n".join(lines)
 
 
+def load_source(cand: CandidateConfig, cfg: PoolConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load one checkpoint (hub id, HF dir, GGUF file or ``demo:NAME``) with the pool's dtype and device."""
+    device = resolve_device(cfg.device)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    source, gguf_file = resolve_source(cand, cache_dir)
+    return load_causal_lm(
+        source,
+        gguf_file=gguf_file,
+        dtype=resolve_dtype(cfg.dtype, device),
+        device=device,
+        cache_dir=cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cand.revision,
+    )
+
+
 def load_pool(cfg: PoolConfig) -> Pool:
     """Load every candidate of a pool config onto its device."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     candidates = []
     for i, cand in enumerate(cfg.candidates):
         start = time.perf_counter()
-        source, gguf_file = resolve_source(cand, cache_dir)
-        model, tokenizer = load_causal_lm(
-            source,
-            gguf_file=gguf_file,
-            dtype=dtype,
-            device=device,
-            cache_dir=cache_dir,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cand.revision,
-        )
+        model, tokenizer = load_source(cand, cfg)
         name = cand.name or Path(cand.source.split(":")[-1]).name
         candidates.append(Candidate(i, name, cand.role, cand.source, model, tokenizer, time.perf_counter() - start))
     return Pool(candidates, cfg.plain_template)
