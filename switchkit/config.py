@@ -67,6 +67,8 @@ class SwitcherConfig:
     forced: list[int] = field(default_factory=list)
     single: int = -1
     prompt_format: Literal["v1"] = "v1"
+    # apply a switcher exported for another number of models (paper §5, unseen-model settings)
+    allow_n_mismatch: bool = False
 
 
 @dataclass
@@ -94,6 +96,7 @@ class SynthesisConfig:
     num_shards: int = 1
     output: Optional[str] = None
     format: Literal["parquet", "jsonl"] = "parquet"
+    chunk_size: int = 8  # records per work chunk: the unit of batching, resume and sharding
 
 
 @dataclass
@@ -124,6 +127,10 @@ class TrainConfig:
     num_nodes: int = 1
     seed: int = 0
     output: Optional[str] = None
+    data: list[str] = field(default_factory=list)  # synthesized datasets to train on; empty: the synthesis output
+    merge_lora: bool = False
+    gradient_checkpointing: bool = False
+    resume: bool = True
 
 
 @dataclass
@@ -146,8 +153,13 @@ class DistillConfig:
     batch_size: int = 8
     micro_batch_size: int = 4
     max_length: int = 1024
+    val_fraction: float = 0.1
     strategy: Literal["auto", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    devices: str = "auto"
+    num_nodes: int = 1
+    seed: int = 0
+    resume: bool = True
     output: Optional[str] = None
 
 
@@ -180,6 +192,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("synthesis.trace_max_frac", lambda v: 0 <= v <= 1, "a float in [0, 1]"),
     ("synthesis.num_shards", lambda v: v > 0, "an integer > 0"),
     ("synthesis.shard", lambda v: v >= 0, "an integer >= 0"),
+    ("synthesis.chunk_size", lambda v: v > 0, "an integer > 0"),
     ("train.epochs", lambda v: v > 0, "an integer > 0"),
     ("train.lr", lambda v: v > 0, "a float > 0"),
     ("train.batch_size", lambda v: v > 0, "an integer > 0"),
@@ -194,6 +207,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("distill.batch_size", lambda v: v > 0, "an integer > 0"),
     ("distill.micro_batch_size", lambda v: v > 0, "an integer > 0"),
     ("distill.lora.r", lambda v: v > 0, "an integer > 0"),
+    ("distill.val_fraction", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    ("distill.max_length", lambda v: v >= 16, "an integer >= 16"),
+    ("distill.min_score", lambda v: v is None or 0 <= v <= 1, "null or a float in [0, 1]"),
     ("tasks.*.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
     ("eval.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
 ]
@@ -221,6 +237,11 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.synthesis.shard >= recipe.synthesis.num_shards:
         raise ConfigError(
             f"synthesis.shard={recipe.synthesis.shard} is out of range: allowed is 0..{recipe.synthesis.num_shards - 1}"
+        )
+    if recipe.train.batch_size % recipe.train.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size={recipe.train.batch_size} must be a multiple of "
+            f"train.micro_batch_size={recipe.train.micro_batch_size}"
         )
     if recipe.synthesis.trace_min_frac > recipe.synthesis.trace_max_frac:
         raise ConfigError("synthesis.trace_min_frac must be <= synthesis.trace_max_frac")

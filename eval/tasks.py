@@ -1,0 +1,251 @@
+"""Tasks: load examples from the hub, a local file or the package, render their queries, score responses.
+
+Sources (``TaskConfig.source``):
+
+- ``builtin:capitals``: the demo task shipped in ``switchkit/eval/data/capitals.jsonl`` ("What is the
+  capital of X?", with largest-city traps); rows alternate between ``dev`` (even) and ``test`` (odd).
+- a local ``.json`` / ``.jsonl`` / ``.parquet`` file. A ``.json`` file holding one object
+  ``{"task_type", "dev", "test"}`` (the MoCo format) is read unchanged: ``split`` picks the list and the
+  file's ``task_type`` picks the scorer. Any other file is a list of rows (all rows are the split).
+- anything else is a hub dataset id, read with ``datasets.load_dataset(source, hub_config, split=split)``.
+
+Rows are mapped to the fields each task type needs (:data:`FIELDS`); ``TaskConfig.fields`` renames
+them, e.g. ``{"input": "question", "output": "answer"}``. A missing field or a malformed row is an
+:class:`~switchkit.io.InputError` naming the file, the row and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from switchkit.config import TASK_TYPES, ConfigError, TaskConfig
+from switchkit.io import InputError, read_jsonl
+
+from .scorers import accepted_answers, get_scorer
+
+log = logging.getLogger(__name__)
+
+BUILTINS = ("capitals",)
+LETTERS = string.ascii_uppercase
+
+# task type -> (required fields, optional fields) of a row
+FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "exact_match": (("input", "output"), ("id",)),
+    "f1_match": (("input", "output"), ("id",)),
+    "multiple_choice": (("question", "choices", "answer"), ("id",)),
+    "noncompliance": (("input",), ("id", "category")),
+    "reward_model": (("input",), ("id", "output")),
+}
+
+
+@dataclass
+class Example:
+    """One query of a task: a stable id, the rendered query, the gold answer and everything else."""
+
+    id: str
+    query: str
+    gold: Any
+    meta: dict = field(default_factory=dict)
+
+
+class Task:
+    """A loaded task split with its scorer."""
+
+    def __init__(self, name: str, type: str, split: str, examples: list[Example], scorer):
+        self.name, self.type, self.split, self.examples = name, type, split, examples
+        self.scorer = scorer
+
+    def score(self, examples: list[Example], responses: list[str]) -> list[float]:
+        """Scores in [0, 1] of ``responses[i]`` to ``examples[i]`` (batched)."""
+        if len(examples) != len(responses):
+            raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
+        return [float(s) for s in self.scorer(examples, responses)] if examples else []
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, type={self.type!r}, split={self.split!r}, {len(self.examples)} examples)"
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_choices(choices: Any, where: str) -> dict[str, str]:
+    """Choices as ``{letter: text}`` from a mapping or a list (lettered A, B, ...)."""
+    if isinstance(choices, dict):
+        out = {str(k).strip().upper(): str(v).strip() for k, v in choices.items()}
+    elif isinstance(choices, (list, tuple)) and 0 < len(choices) <= len(LETTERS):
+        out = {LETTERS[i]: str(c).strip() for i, c in enumerate(choices)}
+    else:
+        raise InputError(f"{where}: field 'choices' must be a mapping letter->text or a list of 1..{len(LETTERS)} texts")
+    if not out or not all(len(k) == 1 and k in LETTERS for k in out):
+        raise InputError(f"{where}: field 'choices' must use the letters {LETTERS[0]}..{LETTERS[-1]}, got {list(out)}")
+    return out
+
+
+def render_query(task_type: str, row: dict) -> str:
+    """The query text the candidates see: the input as is, or the question with its lettered choices."""
+    if task_type == "multiple_choice":
+        lines = [str(row["question"]).strip(), ""]
+        lines += [f"{letter}. {text}" for letter, text in row["choices"].items()]
+        lines += ["", "Answer with the letter of the correct choice."]
+        return "\n".join(lines)
+    return str(row["input"])
+
+
+def _gold(task_type: str, row: dict, where: str) -> Any:
+    if task_type == "multiple_choice":
+        answer = row["answer"]
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(row["choices"]):
+            answer = LETTERS[answer]
+        answer = str(answer).strip().strip("()").upper()
+        if answer not in row["choices"]:
+            raise InputError(f"{where}: field 'answer'={row['answer']!r} is not one of the choices {list(row['choices'])}")
+        return answer
+    if task_type == "f1_match":
+        return accepted_answers(row["output"])
+    if task_type == "exact_match":
+        return row["output"] if isinstance(row["output"], list) else str(row["output"])
+    return row.get("output")
+
+
+def make_example(task: str, split: str, index: int, task_type: str, raw: Any, fields: dict[str, str],
+                 where: str) -> Example:
+    """Map one raw row to an :class:`Example` (``where`` names the file and row in errors)."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected an object with fields, got {type(raw).__name__}")
+    required, optional = FIELDS[task_type]
+    row = {}
+    for name in required + optional:
+        key = fields.get(name, name)
+        if key in raw and raw[key] is not None:
+            row[name] = raw[key]
+        elif name in required:
+            hint = f" (mapped from task field {name!r})" if key != name else ""
+            raise InputError(f"{where}: missing field {key!r}{hint}")
+    if task_type == "multiple_choice":
+        row["choices"] = render_choices(row["choices"], where)
+    else:
+        if not isinstance(row["input"], str) or not row["input"].strip():
+            raise InputError(f"{where}: field {fields.get('input', 'input')!r} must be a non-empty string")
+    gold = _gold(task_type, row, where)
+    meta = {k: v for k, v in raw.items() if k not in {fields.get(n, n) for n in required}}
+    if task_type == "multiple_choice":
+        meta["choices"] = row["choices"]
+    return Example(id=f"{task}/{split}/{index}", query=render_query(task_type, row), gold=gold, meta=meta)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _builtin_rows(name: str, split: str) -> tuple[list[dict], str]:
+    if name not in BUILTINS:
+        raise InputError(f"unknown builtin task 'builtin:{name}': allowed are {', '.join('builtin:' + b for b in BUILTINS)}")
+    if split not in ("dev", "test"):
+        raise InputError(f"builtin:{name} has splits dev and test, not {split!r}")
+    node = resources.files("switchkit.eval").joinpath("data", f"{name}.jsonl")
+    with resources.as_file(node) as path:
+        facts = read_jsonl(path, required=("country", "answers"))
+    offset = 0 if split == "dev" else 1
+    rows = [{"input": f"What is the capital of {f['country']}?", "output": f["answers"], "country": f["country"]}
+            for f in facts[offset::2]]
+    return rows, f"builtin:{name}"
+
+
+def _json_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(data, list):
+        return data, None, f"{path} row {{}}"
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a list of rows or an object with dev/test lists")
+    splits = [k for k, v in data.items() if isinstance(v, list)]
+    if split not in data or not isinstance(data[split], list):
+        raise InputError(f"{path}: no split {split!r}: the file has {', '.join(splits) or 'no lists'}")
+    file_type = data.get("task_type")
+    if file_type is not None and file_type not in TASK_TYPES:
+        raise InputError(f"{path}: task_type={file_type!r} is unknown: allowed are {', '.join(TASK_TYPES)}")
+    return data[split], file_type, f"{path} [{split}] row {{}}"
+
+
+def _jsonl_lines(path: Path) -> list[int]:
+    """The 1-based line number of each non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        return [lineno for lineno, line in enumerate(f, 1) if line.strip()]
+
+
+def _local_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], Callable[[int], str]]:
+    """(rows, the file's task_type or None, where(row index) for error messages)."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        rows, file_type, where = _json_rows(path, split)
+        return rows, file_type, where.format
+    if suffix == ".jsonl":
+        rows, lines = read_jsonl(path), _jsonl_lines(path)
+        return rows, None, lambda i: f"{path}:{lines[i]}"
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise InputError(f"{path}: cannot read Parquet ({str(exc).splitlines()[0]})") from None
+        return rows, None, lambda i: f"{path} row {i}"
+    raise InputError(f"{path}: unsupported file type {suffix!r}: use .json, .jsonl or .parquet")
+
+
+def _hub_rows(cfg: TaskConfig, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise InputError(f"task {cfg.name}: cannot load hub dataset {cfg.source!r} split {split!r}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return ds.to_list()
+
+
+def _is_local(source: str) -> bool:
+    return source.lower().endswith((".json", ".jsonl", ".parquet")) or Path(source).exists()
+
+
+def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int] = None,
+              trust_remote_code: bool = False) -> Task:
+    """Load a task split (``split`` overrides ``cfg.split``; ``limit`` or ``cfg.limit`` keeps the first rows).
+
+    ``trust_remote_code`` only matters for a reward model (pass the pool's setting)."""
+    split = split or cfg.split
+    limit = limit if limit is not None else cfg.limit
+    task_type = cfg.type
+    if cfg.source.startswith("builtin:"):
+        rows, where = _builtin_rows(cfg.source.split(":", 1)[1], split)
+        row_where = lambda i: f"{where} [{split}] row {i}"  # noqa: E731
+    elif _is_local(cfg.source):
+        path = Path(cfg.source)
+        rows, file_type, row_where = _local_rows(path, split)
+        if file_type and file_type != task_type:
+            log.info("task %s: %s declares task_type=%s; it picks the scorer (recipe type %s ignored)",
+                     cfg.name, path, file_type, task_type)
+            task_type = file_type
+    else:
+        rows = _hub_rows(cfg, split)
+        row_where = lambda i: f"hub dataset {cfg.source} [{split}] row {i}"  # noqa: E731
+    if limit is not None:
+        rows = rows[:limit]
+    examples = [make_example(cfg.name, split, i, task_type, raw, cfg.fields, row_where(i)) for i, raw in enumerate(rows)]
+    if task_type == "reward_model" and not cfg.reward_model:
+        raise ConfigError(f"task {cfg.name}: type reward_model needs reward_model: a hub id or local directory")
+    scorer = get_scorer(task_type, cfg.reward_model, trust_remote_code=trust_remote_code)
+    return Task(cfg.name, task_type, split, examples, scorer)
+

@@ -1,0 +1,71 @@
+"""Training strategies: ``auto`` (CPU or one GPU) and DeepSpeed ZeRO-2/3 with bf16 (several GPUs or nodes)."""
+
+from __future__ import annotations
+
+import torch
+
+from switchkit.config import ConfigError, TrainConfig
+
+
+def deepspeed_config(train: TrainConfig) -> dict:
+    """The DeepSpeed config for ``train.strategy=deepspeed_stage_2|3``.
+
+    Lightning fills in the micro-batch size, gradient accumulation and clipping from the Trainer.
+    """
+    stage = int(train.strategy.rsplit("_", 1)[1])
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {"zero_optimization": zero, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True}
+
+
+def check_strategy(train: TrainConfig) -> None:
+    """Fail early, in one line, when the strategy cannot run on this machine."""
+    if not train.strategy.startswith("deepspeed"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.strategy={train.strategy} needs CUDA GPUs, but none is available: "
+            "use train.strategy=auto on CPU or a single device"
+        )
+    if not train.precision.startswith("bf16"):
+        raise ConfigError(
+            f"train.precision={train.precision} with train.strategy={train.strategy}: "
+            "DeepSpeed runs here in bf16, use train.precision=bf16-mixed or bf16-true"
+        )
+
+
+def resolve_strategy(train: TrainConfig):
+    """The Lightning strategy for a recipe: ``"auto"`` or a configured ``DeepSpeedStrategy``."""
+    check_strategy(train)
+    if train.strategy == "auto":
+        return "auto"
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    # With LoRA, checkpoints skip the frozen backbone (resume loads them non-strictly).
+    return DeepSpeedStrategy(config=deepspeed_config(train), exclude_frozen_parameters=train.lora.enabled)
+
+
+def world_size(train: TrainConfig) -> int:
+    """How many processes train together (devices per node x nodes)."""
+    devices = train.devices
+    if devices == "auto" or devices == "-1":
+        per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    elif devices.isdigit():
+        per_node = int(devices)
+    else:  # a list such as "0,1,3"
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    return max(per_node, 1) * train.num_nodes
+
+
+def accumulation_steps(train: TrainConfig) -> int:
+    """Micro-batches per optimizer step so that one step sees ``train.batch_size`` records in total."""
+    return max(train.batch_size // (train.micro_batch_size * world_size(train)), 1)
+
+
+def backbone_dtype(train: TrainConfig) -> torch.dtype:
+    """Weights in bf16 for ``bf16-true`` and DeepSpeed (it keeps fp32 master weights), else fp32."""
+    if train.precision == "bf16-true" or train.strategy.startswith("deepspeed"):
+        return torch.bfloat16
+    return torch.float32
