@@ -10,7 +10,7 @@ For each record (a task query plus a seed):
 2. Divergent step: the trace is forked n times (sharing its KV caches) and candidate i writes one patch
    on branch i.
 3. Rollouts: each unfinished branch is forked k times and run to the end with random switching.
-   Before each fork every model's KV cache is filled with the prefix once (:func:`share_prefix`), so the
+   Before each fork every model's KV cache is filled with the prefix once (:meth:`SwitchEngine.prefill`), so the
    forks share it instead of each encoding it again; all traces, branches and rollouts of a chunk run
    together (one batch per model and patch).
 4. Each finished response is scored by the task scorer; utility i is branch i's mean score and the label
@@ -161,24 +161,6 @@ def _trace_dicts(seq) -> list[dict]:
     return [{"model": int(s.model), "text": s.text, "n_tokens": int(s.n_tokens)} for s in seq.segments]
 
 
-def share_prefix(engine, seqs) -> None:
-    """Encode each unfinished sequence's response so far into every model's KV cache, one batch per model.
-
-    Called before forking, so the forks share those caches: without it, every fork would encode the
-    prefix again on its model's first turn (k times per branch instead of once).
-    """
-    live = [s for s in seqs if not s.done]
-    if not live:
-        return
-    for model in range(len(engine.pool)):
-        for seq in live:
-            engine.sync(seq, model)  # text level: bring the model's view up to date
-        _, states = engine.backend.next_logits(model, [s.views[model].ids for s in live],
-                                               [s.views[model].state for s in live])
-        for seq, state in zip(live, states):
-            seq.views[model].state = state
-
-
 def run_chunk(engine, tasks, jobs: list[Job], recipe: Recipe) -> dict:
     """Make the records of one chunk: traces, divergent step, rollouts, scores and labels."""
     from switchkit.engine import RandomPolicy
@@ -210,14 +192,14 @@ def run_chunk(engine, tasks, jobs: list[Job], recipe: Recipe) -> dict:
         return {"records": [], "skipped": skipped, "tokens": sum(tokens)}
 
     # divergent step: candidate c writes one patch on branch c of every trace
-    share_prefix(engine, [traces[i] for i in ready])
+    engine.prefill([traces[i] for i in ready])
     branches = {i: engine.fork(traces[i], seeds=[derive_seed(jobs[i].seed, "branch", c) for c in range(n)])
                 for i in ready}
     engine.write([b for i in ready for b in branches[i]], model_ids=[c for _ in ready for c in range(n)])
 
     # rollouts: k continuations of each unfinished branch, all run as one batch (a finished branch is its
     # own only response)
-    share_prefix(engine, [b for i in ready for b in branches[i]])
+    engine.prefill([b for i in ready for b in branches[i]])
     rollouts = {}
     for i in ready:
         for c, branch in enumerate(branches[i]):

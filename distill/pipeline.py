@@ -19,8 +19,6 @@ from typing import Optional
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from tqdm.auto import tqdm
 
 from switchkit.config import ConfigError, Recipe, run_path
@@ -99,12 +97,12 @@ def keep(rows: list[dict], min_score: Optional[float]) -> list[dict]:
 def train_student(recipe: Recipe, pairs: list[dict], progress: bool = True) -> Path:
     """Stage 3 and 4: fine-tune the aligned candidate on ``pairs`` and export it as a plain HF model."""
     from switchkit.trainer.module import apply_lora
-    from switchkit.trainer.strategies import accumulation_steps, backbone_dtype, resolve_strategy
+    from switchkit.trainer.strategies import backbone_dtype, check_strategy, make_trainer
 
     cfg = recipe.distill
     if not pairs:
         raise ConfigError("no generations left to train on: lower distill.min_score or add training inputs")
-    strategy = resolve_strategy(cfg)
+    check_strategy(cfg)  # before loading anything
     L.seed_everything(cfg.seed, verbose=False)
     dtype = str(backbone_dtype(cfg)).replace("torch.", "")
     model, tokenizer = load_source(_aligned(recipe), dataclasses.replace(recipe.pool, dtype=dtype, device="cpu"))
@@ -116,13 +114,7 @@ def train_student(recipe: Recipe, pairs: list[dict], progress: bool = True) -> P
                              plain_template=recipe.pool.plain_template, max_length=cfg.max_length,
                              micro_batch_size=cfg.micro_batch_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     ckpt_dir = Path(recipe.run_dir) / "checkpoints" / "distill"
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator="auto", devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        precision=cfg.precision, accumulate_grad_batches=accumulation_steps(cfg), gradient_clip_val=1.0,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
-        logger=CSVLogger(ckpt_dir, name="logs"), enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=ckpt_dir,
-    )
+    trainer = make_trainer(cfg, ckpt_dir, progress)
     last = ckpt_dir / "last.ckpt"  # written by this run only (Lightning checkpoints are pickled)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume and last.exists() else None)
     out = run_path(recipe, cfg.output, "distilled")

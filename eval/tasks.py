@@ -3,7 +3,8 @@
 Sources (``TaskConfig.source``):
 
 - ``builtin:capitals``: the demo task shipped in ``switchkit/eval/data/capitals.jsonl`` ("What is the
-  capital of X?", with largest-city traps); rows alternate between ``dev`` (even) and ``test`` (odd).
+  capital of X?", with largest-city traps); ``builtin:languages`` ("What is the official language of
+  X?", the demo's unseen task). Rows alternate between ``dev`` (even) and ``test`` (odd).
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` file. A ``.json`` file holding one object
   ``{"task_type", "dev", "test"}`` (the MoCo format) is read unchanged: ``split`` picks the list and the
   file's ``task_type`` picks the scorer. Any other file is a list of rows (all rows are the split).
@@ -31,7 +32,8 @@ from .scorers import accepted_answers, get_scorer
 
 log = logging.getLogger(__name__)
 
-BUILTINS = ("capitals",)
+# built-in demo tasks: facts shipped in eval/data/<name>.jsonl and the question asked about each country
+BUILTINS = {"capitals": "What is the capital of {country}?", "languages": "What is the official language of {country}?"}
 LETTERS = string.ascii_uppercase
 
 # task type -> (required fields, optional fields) of a row
@@ -154,7 +156,7 @@ def _builtin_rows(name: str, split: str) -> tuple[list[dict], str]:
     with resources.as_file(node) as path:
         facts = read_jsonl(path, required=("country", "answers"))
     offset = 0 if split == "dev" else 1
-    rows = [{"input": f"What is the capital of {f['country']}?", "output": f["answers"], "country": f["country"]}
+    rows = [{"input": BUILTINS[name].format(country=f["country"]), "output": f["answers"], "country": f["country"]}
             for f in facts[offset::2]]
     return rows, f"builtin:{name}"
 

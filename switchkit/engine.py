@@ -150,6 +150,23 @@ class SwitchEngine:
             copies.append(copy)
         return copies
 
+    def prefill(self, seqs: list[SwitchSequence]) -> None:
+        """Encode each unfinished sequence's response so far into every model's KV cache, one batch per model.
+
+        Call it before :meth:`fork`: the copies then share those caches, instead of each copy encoding the
+        prefix again on its model's first turn (k times per branch instead of once).
+        """
+        live = [s for s in seqs if not s.done]
+        if not live:
+            return
+        for model in range(len(self.pool)):
+            for seq in live:
+                self.sync(seq, model)
+            _, states = self.backend.next_logits(model, [s.views[model].ids for s in live],
+                                                 [s.views[model].state for s in live])
+            for seq, state in zip(live, states):
+                seq.views[model].state = state
+
     # -- writing ---------------------------------------------------------------------------------
 
     def _sampler(self, seqs: list[SwitchSequence]):

@@ -202,9 +202,9 @@ def test_synthesis_dir_default(recipe_file):
 
 
 def test_text_level_pool_and_shared_prefix_caches(tmp_path, recipe_file):
-    """Different tokenizers (text level): share_prefix fills every model's cache with the prefix, and
+    """Different tokenizers (text level): engine.prefill fills every model's cache with the prefix, and
     run_chunk makes well-formed records."""
-    from switchkit.data_synthesis.synthesize import load_tasks, plan, run_chunk, share_prefix
+    from switchkit.data_synthesis.synthesize import load_tasks, plan, run_chunk
     from switchkit.engine import RandomPolicy, SwitchEngine
     from switchkit.models import load_pool
     from switchkit.testing import build_tokenizer, save_tiny_model
@@ -219,7 +219,7 @@ def test_text_level_pool_and_shared_prefix_caches(tmp_path, recipe_file):
     engine = SwitchEngine(pool, recipe.generation)
     seqs = engine.start(["What is the capital of France?"], seeds=[0])
     engine.run(seqs, RandomPolicy(), max_tokens=8)
-    share_prefix(engine, seqs)
+    engine.prefill(seqs)
     for view in seqs[0].views:  # every model has encoded its whole view, so forks reuse it
         assert view.state.ids == tuple(view.ids) and view.text_len == len(seqs[0].text)
     tasks = load_tasks(recipe)

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from switchkit.config import CandidateConfig, ConfigError, Recipe, run_path
 from switchkit.models import load_source
@@ -22,7 +20,7 @@ from switchkit.models import load_source
 from .data import SwitcherDataModule
 from .export import export_switcher
 from .module import SwitcherModule, apply_lora
-from .strategies import accumulation_steps, backbone_dtype, check_strategy, resolve_strategy
+from .strategies import backbone_dtype, check_strategy, make_trainer
 
 
 def init_candidate(recipe: Recipe) -> CandidateConfig:
@@ -85,7 +83,7 @@ def fit_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Opti
                  progress: bool = True) -> tuple[SwitcherModule, dict, L.Trainer]:
     """Train one switcher on ``data_files`` (optionally one task); return (module, val metrics, trainer)."""
     train = recipe.train
-    strategy = resolve_strategy(train)
+    check_strategy(train)  # before loading anything
     L.seed_everything(train.seed, verbose=False)
     module = build_module(recipe)
     data = SwitcherDataModule(data_files, module.tokenizer, module.vocab, task=task, max_length=train.max_length,
@@ -93,14 +91,7 @@ def fit_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Opti
                               seed=train.seed)
     data.setup()
     ckpt_dir = Path(recipe.run_dir) / "checkpoints" / "switcher" / (task or "")
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
-    trainer = L.Trainer(
-        max_epochs=train.epochs, accelerator="auto", devices=train.devices, num_nodes=train.num_nodes,
-        strategy=strategy, precision=train.precision, accumulate_grad_batches=accumulation_steps(train),
-        gradient_clip_val=1.0, callbacks=[checkpoint], logger=CSVLogger(ckpt_dir, name="logs"),
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=1, default_root_dir=ckpt_dir,
-    )
+    trainer = make_trainer(train, ckpt_dir, progress)
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if train.resume and last.exists() else None
     if resume:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from switchkit.config import ConfigError, TrainConfig
+from pathlib import Path
+
+from switchkit.config import ConfigError, DistillConfig, TrainConfig
 
 
 def deepspeed_config(train: TrainConfig) -> dict:
@@ -20,23 +22,24 @@ def deepspeed_config(train: TrainConfig) -> dict:
     return {"zero_optimization": zero, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True}
 
 
-def check_strategy(train: TrainConfig) -> None:
+def check_strategy(train: TrainConfig | DistillConfig) -> None:
     """Fail early, in one line, when the strategy cannot run on this machine."""
     if not train.strategy.startswith("deepspeed"):
         return
+    key = "distill" if isinstance(train, DistillConfig) else "train"
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"train.strategy={train.strategy} needs CUDA GPUs, but none is available: "
-            "use train.strategy=auto on CPU or a single device"
+            f"{key}.strategy={train.strategy} needs CUDA GPUs, but none is available: "
+            f"use {key}.strategy=auto on CPU or a single device"
         )
     if not train.precision.startswith("bf16"):
         raise ConfigError(
-            f"train.precision={train.precision} with train.strategy={train.strategy}: "
-            "DeepSpeed runs here in bf16, use train.precision=bf16-mixed or bf16-true"
+            f"{key}.precision={train.precision} with {key}.strategy={train.strategy}: "
+            f"DeepSpeed runs here in bf16, use {key}.precision=bf16-mixed or bf16-true"
         )
 
 
-def resolve_strategy(train: TrainConfig):
+def resolve_strategy(train: TrainConfig | DistillConfig):
     """The Lightning strategy for a recipe: ``"auto"`` or a configured ``DeepSpeedStrategy``."""
     check_strategy(train)
     if train.strategy == "auto":
@@ -47,7 +50,7 @@ def resolve_strategy(train: TrainConfig):
     return DeepSpeedStrategy(config=deepspeed_config(train), exclude_frozen_parameters=train.lora.enabled)
 
 
-def world_size(train: TrainConfig) -> int:
+def world_size(train: TrainConfig | DistillConfig) -> int:
     """How many processes train together (devices per node x nodes)."""
     devices = train.devices
     if devices == "auto" or devices == "-1":
@@ -59,12 +62,28 @@ def world_size(train: TrainConfig) -> int:
     return max(per_node, 1) * train.num_nodes
 
 
-def accumulation_steps(train: TrainConfig) -> int:
+def accumulation_steps(train: TrainConfig | DistillConfig) -> int:
     """Micro-batches per optimizer step so that one step sees ``train.batch_size`` records in total."""
     return max(train.batch_size // (train.micro_batch_size * world_size(train)), 1)
 
 
-def backbone_dtype(train: TrainConfig) -> torch.dtype:
+def make_trainer(cfg: TrainConfig | DistillConfig, ckpt_dir: Path, progress: bool = True):
+    """A Lightning Trainer for ``cfg`` (switcher or distillation): its strategy, precision and gradient
+    accumulation, a ``last.ckpt`` checkpoint per epoch in ``ckpt_dir`` and CSV logs beside it."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        max_epochs=cfg.epochs, accelerator="auto", devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=resolve_strategy(cfg), precision=cfg.precision, accumulate_grad_batches=accumulation_steps(cfg),
+        gradient_clip_val=1.0, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        logger=CSVLogger(ckpt_dir, name="logs"), enable_progress_bar=progress, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=ckpt_dir,
+    )
+
+
+def backbone_dtype(train: TrainConfig | DistillConfig) -> torch.dtype:
     """Weights in bf16 for ``bf16-true`` and DeepSpeed (it keeps fp32 master weights), else fp32."""
     if train.precision == "bf16-true" or train.strategy.startswith("deepspeed"):
         return torch.bfloat16
