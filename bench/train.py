@@ -5,10 +5,11 @@
   so the LM head and the cross-entropy run over the full vocabulary at every position.
 
 Both use the recipe's backbone (default: the demo's aligned candidate, SmolLM2-135M-Instruct, vocab 49152),
-the recipe's LoRA settings, AdamW, the same micro-batches. Each variant runs in its own subprocess, so
-memory is measured cleanly: the peak resident set size (VmHWM, reset via /proc/self/clear_refs after the
-model and data are loaded) minus the resident size at that point, i.e. the extra memory one training
-step needs (activations, logits, gradients, optimizer state). Speed is samples/s over the timed steps
+the recipe's LoRA settings, AdamW, the same micro-batches. Both variants run in this one process, one
+after the other: before each, freed memory is handed back to the OS (``malloc_trim``) and the peak
+resident set size is reset (``/proc/self/clear_refs``), so a variant's memory is its peak RSS (VmHWM)
+minus the resident size at its start, i.e. the extra memory its training steps need (activations,
+logits, gradients, optimizer state). Speed is samples/s over the timed steps
 after one warm-up step (``--speed cpu``: samples per process CPU-second instead, which other jobs on a
 shared host disturb far less than wall time). With ``--rounds`` > 1 the variants alternate and the medians are compared.
 
@@ -21,11 +22,11 @@ The last line is JSON: ``speed_ratio_vs_full_vocab_sft`` (switcher samples/s / S
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def run_variant(variant: str, recipe_name: str, steps: int, micro_batch: int, ma
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by an earlier variant back to the OS
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     base_kb = _rss_kb("VmRSS")
     step(batches[0])  # warm-up (allocates optimizer state)
@@ -108,7 +111,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 steps of 4 x 128 tokens, one round (about 2 min)")
     parser.add_argument("--recipe", default="demo", help="recipe whose backbone and LoRA settings are used")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=None)
@@ -119,18 +121,10 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else 3)
     args.micro_batch = args.micro_batch or (4 if args.quick else 8)
     args.max_length = args.max_length or (128 if args.quick else 256)
-    if args.variant:  # child process: one measurement
-        print(json.dumps(run_variant(args.variant, args.recipe, steps, args.micro_batch, args.max_length)))
-        return
     results = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds or 1):
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--steps", str(steps),
-                   "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{variant} failed:\n{proc.stderr[-2000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = run_variant(variant, args.recipe, steps, args.micro_batch, args.max_length)
             print(json.dumps({"round": rnd, **result}), flush=True)
             results[variant].append(result)
     keys = ("samples_per_s", "samples_per_cpu_s", "step_memory_mb")

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from switchkit.config import CandidateConfig, ConfigError, GenerationConfig, Recipe, run_path
+from switchkit.config import CandidateConfig, ConfigError, Recipe, run_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from switchkit.models import Pool
@@ -45,7 +45,7 @@ class Context:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self._pool: Optional[Pool] = None
-        self._engines: dict = {}
+        self._engine = None
         self._loaded: dict[str, object] = {}
 
     @property
@@ -57,15 +57,14 @@ class Context:
             self._pool = load_pool(self.recipe.pool)
         return self._pool
 
-    def engine(self, generation: Optional[GenerationConfig] = None):
-        """A switch-generation engine over the pool (``generation`` defaults to the recipe's settings)."""
-        generation = generation or self.recipe.generation
-        key = repr(generation)
-        if key not in self._engines:
+    @property
+    def engine(self):
+        """A switch-generation engine over the pool with the recipe's generation settings."""
+        if self._engine is None:
             from switchkit.engine import SwitchEngine
 
-            self._engines[key] = SwitchEngine(self.pool, generation)
-        return self._engines[key]
+            self._engine = SwitchEngine(self.pool, self.recipe.generation)
+        return self._engine
 
     def cached(self, key: str, load):
         """One extra loaded object (a switcher, a distilled model) at a time: ``load()`` runs when ``key`` changes."""
@@ -115,13 +114,9 @@ class Method:
         """The engine policy that answers ``task``'s queries (for engine-based methods)."""
         raise NotImplementedError(f"method {self.name} defines neither policy() nor generate()")
 
-    def generation(self) -> GenerationConfig:
-        """The generation settings this method runs with (the recipe's)."""
-        return self.recipe.generation
-
     def generate(self, ctx: Context, task: str, queries: list[str], seed: int) -> list[dict]:
         """Generation records for ``queries`` (one per query, in order)."""
-        return ctx.engine(self.generation()).generate(queries, self.policy(ctx, task), seed=seed, progress=False)
+        return ctx.engine.generate(queries, self.policy(ctx, task), seed=seed, progress=False)
 
 
 def candidate_names(recipe: Recipe) -> list[str]:
@@ -145,10 +140,6 @@ class SingleModel(Method):
         if arg.lstrip("-").isdigit() and -len(names) <= int(arg) < len(names):
             return [cls(recipe, names[int(arg)])]
         raise ConfigError(f"eval.methods: single:{arg} names no candidate: allowed are {', '.join(names)} or 0..{len(names) - 1}")
-
-    def generation(self) -> GenerationConfig:
-        """The recipe's settings without the aligned-first/last rule: the candidate writes every patch."""
-        return replace(self.recipe.generation, aligned_first_last=False)
 
     @property
     def index(self) -> int:

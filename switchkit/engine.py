@@ -257,9 +257,10 @@ class SwitchEngine:
 
     # -- policy loop -----------------------------------------------------------------------------
 
-    def rule_choice(self, seq: SwitchSequence) -> Optional[int]:
-        """The aligned-first/last rule: the aligned model writes the first patch and the one hitting max tokens."""
-        if not self.cfg.aligned_first_last:
+    def rule_choice(self, seq: SwitchSequence, policy: Policy) -> Optional[int]:
+        """The aligned-first/last rule: the aligned model writes the first patch and the one hitting max tokens
+        (not for explicit policies such as forced or single, which name every writer)."""
+        if not self.cfg.aligned_first_last or policy.explicit:
             return None
         if not seq.segments or seq.n_tokens + self.cfg.patch_size >= self.cfg.max_new_tokens:
             return self.pool.aligned_index
@@ -270,7 +271,7 @@ class SwitchEngine:
         chosen: list = [None] * len(seqs)
         ask = []
         for i, seq in enumerate(seqs):
-            model = self.rule_choice(seq)
+            model = self.rule_choice(seq, policy)
             if model is None:
                 ask.append(i)
             else:

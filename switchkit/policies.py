@@ -31,7 +31,13 @@ def one_hot(n: int, i: int) -> list[float]:
 
 
 class Policy:
-    """Decides which model writes the next patch of each unfinished sequence."""
+    """Decides which model writes the next patch of each unfinished sequence.
+
+    ``explicit`` policies (forced, single) name every writer themselves, so the engine's aligned-first/last
+    rule does not override them.
+    """
+
+    explicit = False
 
     def choose(self, engine: "SwitchEngine", seqs: list["SwitchSequence"]) -> list[tuple[int, list[float]]]:
         """One (model id, n probabilities) per sequence."""
@@ -48,6 +54,8 @@ class RandomPolicy(Policy):
 
 class ForcedPolicy(Policy):
     """Patch ``j`` is written by ``ids[j]``; the last id repeats."""
+
+    explicit = True
 
     def __init__(self, ids: list[int]):
         if not ids:
@@ -67,6 +75,8 @@ class ForcedPolicy(Policy):
 
 class SinglePolicy(Policy):
     """Always model ``index`` (negative counts from the end, as in Python)."""
+
+    explicit = True
 
     def __init__(self, index: int):
         self.index = index

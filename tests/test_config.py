@@ -87,7 +87,7 @@ def test_cli_help_lists_every_command():
 
 def test_cli_show_recipe_and_error_exit_code():
     ok = _toolkit("show-recipe", "recipe=demo")
-    assert ok.returncode == 0 and "patch_size: 8" in ok.stdout
+    assert ok.returncode == 0 and "name: demo" in ok.stdout and "patch_size:" in ok.stdout
     bad = _toolkit("show-recipe", "recipe=demo", "no.such.key=1")
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "no.such.key" in bad.stderr

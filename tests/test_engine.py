@@ -110,12 +110,17 @@ def test_text_level_joins_losslessly(text_pool):
 def test_aligned_first_last_and_forced(pool):
     cfg = GenerationConfig(patch_size=4, max_new_tokens=20, temperature=0.0)
     engine = SwitchEngine(pool, cfg)
-    seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), ForcedPolicy([0, 1]))
+    seqs = engine.run(engine.start(QUERIES, [0, 1, 2]), RandomPolicy())
     for seq in seqs:
         models = [g.model for g in seq.segments]
         assert models[0] == pool.aligned_index
         if seq.finish_reason == "length":
-            assert models[-1] == pool.aligned_index and models[1:-1] == [1] * (len(models) - 2)
+            assert models[-1] == pool.aligned_index
+    # explicit policies (forced, single) name every writer: the rule does not override them
+    seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), ForcedPolicy([0, 1]))
+    for seq in seqs:
+        models = [g.model for g in seq.segments]
+        assert models == ([0] + [1] * 10)[: len(models)]
     cfg.aligned_first_last = False
     seqs = SwitchEngine(pool, cfg).run(engine.start(QUERIES[:2], [0, 1]), ForcedPolicy([0, 1, 0]))
     for seq in seqs:
