@@ -14,6 +14,7 @@ Stages:
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -109,6 +110,7 @@ def train_student(recipe: Recipe, pairs: list[dict], progress: bool = True) -> P
     model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    model.train()  # loaded in eval mode; LoRA dropout needs train mode
     module = DistillModule(model, tokenizer, lr=cfg.lr)
     data = DistillDataModule([(r["input"], r["output"]) for r in pairs], tokenizer,
                              plain_template=recipe.pool.plain_template, max_length=cfg.max_length,
@@ -137,6 +139,18 @@ def model_forward_passes(row: dict, n_models: int, switcher_decisions: bool) -> 
     return passes
 
 
+def switcher_shares_aligned(recipe: Recipe) -> bool:
+    """Whether the trained switcher is a LoRA adapter on the aligned candidate (then it adds no model)."""
+    from switchkit.eval.methods import build_methods
+
+    meta_path = Path(build_methods(recipe, ["switch"])[0].switcher_path(recipe.tasks[0].name if recipe.tasks else ""))
+    meta_path = meta_path / "switchkit.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return bool(meta.get("adapter")) and meta.get("base_model") in (None, _aligned(recipe).source)
+
+
 def gain_report(recipe: Recipe, summary: dict, aligned_method: str) -> dict:
     """Per task and on average: (distilled - aligned) / (switch - aligned), and the inference cost ratio."""
     means: dict[tuple[str, str], list[float]] = {}
@@ -162,7 +176,7 @@ def gain_report(recipe: Recipe, summary: dict, aligned_method: str) -> dict:
         "mean_share_recovered": float(np.mean(shares)) if shares else None,
         "forward_passes_per_response": cost,
         "forward_pass_ratio_distilled_vs_switch": cost["distilled"] / cost["switch"] if cost["switch"] else None,
-        "models_in_memory": {"switch": n_models + 1, "distilled": 1},
+        "models_in_memory": {"switch": n_models + (0 if switcher_shares_aligned(recipe) else 1), "distilled": 1},
         "note": "share_recovered is None where switch generation does not beat the aligned model on that task",
     }
 
@@ -193,6 +207,6 @@ def distill_command(recipe: Recipe) -> dict:
     mean = report["mean_share_recovered"]
     print(f"distill: mean share of gain recovered {'n/a' if mean is None else f'{100 * mean:.1f}%'}; "
           f"forward passes distilled/switch {report['forward_pass_ratio_distilled_vs_switch']:.2f}; "
-          f"models in memory 1 vs {len(recipe.pool.candidates) + 1}")
+          f"models in memory 1 vs {report['models_in_memory']['switch']}")
     print(f"distill: report -> {path}")
     return report
