@@ -17,7 +17,6 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ROLES = ("pretrained", "finetuned", "aligned", "expert")
 TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model")
 
 
