@@ -89,6 +89,11 @@ def shard_data_path(directory: Path, recipe: Recipe) -> Path:
     return directory / f"shard-{s.shard}-of-{s.num_shards}.{s.format}"
 
 
+def stats_path(data_file: Path) -> Path:
+    """The statistics beside a data file: ``stats.json`` for ``data.*``, ``<shard>.stats.json`` for a shard."""
+    return data_file.parent / ("stats.json" if data_file.stem == "data" else f"{data_file.stem}.stats.json")
+
+
 def fingerprint(recipe: Recipe) -> str:
     """A hash of everything that determines the records (pool, generation, tasks, synthesis settings)."""
     cfg = to_dict(recipe)
@@ -343,8 +348,7 @@ def finalize(directory: Path, recipe: Recipe, chunks: list[int], out: Path) -> d
     stats = compute_stats(records, [s for res in results for s in res["skipped"]],
                           sum(res["tokens"] for res in results), recipe)
     stats["data"] = str(out)
-    name = "stats.json" if out == data_path(directory, recipe) else f"{out.stem}.stats.json"
-    write_json_atomic(directory / name, stats)
+    write_json_atomic(stats_path(out), stats)
     return stats
 
 
@@ -443,7 +447,6 @@ def synthesize_command(recipe: Recipe, merge: Optional[str] = None) -> None:
         out = merge_shards(recipe, dirs)
     else:
         out = run_synthesis(recipe)
-    name = "stats.json" if out.stem == "data" else f"{out.stem}.stats.json"
-    stats = json.loads((out.parent / name).read_text())
+    stats = json.loads(stats_path(out).read_text())
     print(format_stats(stats))
     print(f"time: {time.perf_counter() - start:.1f}s")

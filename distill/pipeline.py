@@ -14,7 +14,6 @@ Stages:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +21,10 @@ import lightning as L
 import numpy as np
 from tqdm.auto import tqdm
 
-from switchkit.config import ConfigError, Recipe, run_path
+from switchkit.config import ConfigError, Recipe, aligned_index, run_path
 from switchkit.io import InputError, atomic_path, read_jsonl, write_json_atomic
 from switchkit.models import load_source
+from switchkit.prompt import read_switcher_meta
 
 from .data import DistillDataModule
 from .module import DistillModule
@@ -34,8 +34,7 @@ def _aligned(recipe: Recipe):
     cands = recipe.pool.candidates
     if not cands:
         raise ConfigError("pool.candidates is empty: distillation needs the pool and its aligned candidate")
-    aligned = [c for c in cands if c.role == "aligned"]
-    return aligned[-1] if aligned else cands[-1]
+    return cands[aligned_index([c.role for c in cands])]
 
 
 def generate_pairs(recipe: Recipe) -> list[dict]:
@@ -143,11 +142,8 @@ def switcher_shares_aligned(recipe: Recipe) -> bool:
     """Whether the trained switcher is a LoRA adapter on the aligned candidate (then it adds no model)."""
     from switchkit.eval.methods import build_methods
 
-    meta_path = Path(build_methods(recipe, ["switch"])[0].switcher_path(recipe.tasks[0].name if recipe.tasks else ""))
-    meta_path = meta_path / "switchkit.json"
-    if not meta_path.is_file():
-        return False
-    meta = json.loads(meta_path.read_text())
+    folder = build_methods(recipe, ["switch"])[0].switcher_path(recipe.tasks[0].name if recipe.tasks else "")
+    meta = read_switcher_meta(folder)
     return bool(meta.get("adapter")) and meta.get("base_model") in (None, _aligned(recipe).source)
 
 

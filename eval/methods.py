@@ -19,7 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from switchkit.config import CandidateConfig, ConfigError, Recipe, run_path
+from switchkit.config import CandidateConfig, ConfigError, Recipe, candidate_name, run_path
+from switchkit.prompt import META_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from switchkit.models import Pool
@@ -121,7 +122,7 @@ class Method:
 
 def candidate_names(recipe: Recipe) -> list[str]:
     """Candidate names as the pool loader sets them (``name``, else the source's last path part)."""
-    return [c.name or Path(c.source.split(":")[-1]).name for c in recipe.pool.candidates]
+    return [candidate_name(c) for c in recipe.pool.candidates]
 
 
 @register("single")
@@ -210,7 +211,7 @@ class TrainedSwitcher(Method):
         if self.recipe.switcher.policy == "trained" and self.recipe.switcher.path:
             # a given path: a local folder must exist; a hub id (owner/name) is checked when it loads
             return None if HUB_ID.match(path) and not Path(path).exists() else Path(path)
-        return Path(path) / "switchkit.json"
+        return Path(path) / META_FILE
 
 
 @register("switch-global")

@@ -35,6 +35,17 @@ class CandidateConfig:
     revision: Optional[str] = None
 
 
+def candidate_name(cand: CandidateConfig) -> str:
+    """A candidate's display name: ``name``, else the last part of its source (``demo:x`` -> ``x``)."""
+    return cand.name or Path(cand.source.split(":")[-1]).name
+
+
+def aligned_index(roles: list[str]) -> int:
+    """The aligned candidate: the last one whose role is ``aligned``, else the last one."""
+    aligned = [i for i, role in enumerate(roles) if role == "aligned"]
+    return aligned[-1] if aligned else len(roles) - 1
+
+
 @dataclass
 class PoolConfig:
     candidates: list[CandidateConfig] = field(default_factory=list)

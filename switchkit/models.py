@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import CandidateConfig, PoolConfig
+from .config import CandidateConfig, PoolConfig, aligned_index, candidate_name
 from .io import atomic_path
 
 # name -> (how to find the GGUF file, install command)
@@ -225,8 +225,7 @@ class Pool:
     @property
     def aligned_index(self) -> int:
         """The aligned candidate: the last one whose role is ``aligned``, else the last one."""
-        aligned = [c.index for c in self.candidates if c.role == "aligned"]
-        return aligned[-1] if aligned else len(self.candidates) - 1
+        return aligned_index([c.role for c in self.candidates])
 
     def describe(self) -> str:
         """A short human-readable summary of the pool."""
@@ -263,6 +262,5 @@ def load_pool(cfg: PoolConfig) -> Pool:
     for i, cand in enumerate(cfg.candidates):
         start = time.perf_counter()
         model, tokenizer = load_source(cand, cfg)
-        name = cand.name or Path(cand.source.split(":")[-1]).name
-        candidates.append(Candidate(i, name, cand.role, cand.source, model, tokenizer, time.perf_counter() - start))
+        candidates.append(Candidate(i, candidate_name(cand), cand.role, cand.source, model, tokenizer, time.perf_counter() - start))
     return Pool(candidates, cfg.plain_template)

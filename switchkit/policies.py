@@ -17,12 +17,11 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from .backends import HFBackend
 from .config import CandidateConfig, ConfigError, Recipe
 from .models import Pool, default_cache_dir, load_causal_lm, resolve_device, resolve_source
-from .prompt import build_prompt, encode_prompt, switcher_vocab
+from .prompt import META_FILE, build_prompt, encode_prompt, read_switcher_meta, switcher_vocab
 
 if TYPE_CHECKING:
     from .engine import SwitchEngine, SwitchSequence
 
-META_FILE = "switchkit.json"
 
 
 def one_hot(n: int, i: int) -> list[float]:
@@ -138,19 +137,6 @@ class SwitcherPolicy(Policy):
                 for s, k, p in zip(seqs, kept, probs)]
 
 
-def _read_meta(folder: Path) -> dict:
-    path = folder / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON ({exc.msg})") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return meta
-
-
 def _check_meta(meta: dict, where: Path, n: int, allow_n_mismatch: bool) -> None:
     if meta.get("prompt_format", "v1") != "v1":
         raise ConfigError(f"{where / META_FILE}: prompt_format={meta['prompt_format']!r} is unknown: allowed is v1")
@@ -173,7 +159,7 @@ def load_switcher(path_or_id: str, pool: Pool, *, top_p: float = 0.7, greedy: bo
     """
     n = len(pool)
     folder = Path(path_or_id).expanduser()
-    meta = _read_meta(folder) if folder.is_dir() else {}
+    meta = read_switcher_meta(folder) if folder.is_dir() else {}
     _check_meta(meta, folder, n, allow_n_mismatch)
     aligned = pool[pool.aligned_index]
     param = next(aligned.model.parameters())

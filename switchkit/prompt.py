@@ -15,10 +15,15 @@ trainer and the engine use it, so training and inference read the same tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+from .io import InputError
+
 PROMPT_FORMATS = ("v1",)
+META_FILE = "switchkit.json"  # beside an exported switcher: prompt_format, n, candidates, base_model, ...
 MAX_MODELS = 10
 
 
@@ -95,3 +100,17 @@ def encode_prompt(tokenizer, vocab: SwitcherVocab, prompt: str, max_length: int 
         return ids
     head = min(keep_head if keep_head is not None else max_length // 2, max_length - 1)
     return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
+def read_switcher_meta(folder: str | Path) -> dict:
+    """An exported switcher's ``switchkit.json``; ``{}`` for a folder without one (a plain HF switcher)."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return meta

@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from switchkit.config import Recipe, to_dict
+from switchkit.config import Recipe, candidate_name, to_dict
 from switchkit.io import InputError, atomic_path
+from switchkit.prompt import META_FILE, read_switcher_meta
 
 FORMAT_VERSION = 1
-META_FILE = "switchkit.json"
 
 
 def candidate_entries(recipe: Recipe) -> list[dict]:
     """The pool's candidates as written in ``switchkit.json`` (index, name, source, role)."""
     return [
-        {"index": i, "name": c.name or Path(c.source.split(":")[-1]).name, "source": c.source, "role": c.role}
+        {"index": i, "name": candidate_name(c), "source": c.source, "role": c.role}
         for i, c in enumerate(recipe.pool.candidates)
     ]
 
@@ -58,13 +58,10 @@ def export_switcher(module, out_dir: str | Path, recipe: Recipe, metrics: dict, 
 
 def read_meta(path: str | Path) -> dict:
     """Read and check an exported switcher's ``switchkit.json``."""
-    file = Path(path) / META_FILE
-    if not file.is_file():
+    meta = read_switcher_meta(path)
+    if not meta:
         raise InputError(f"{path}: not an exported switcher ({META_FILE} is missing)")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{file}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    file = Path(path) / META_FILE
     for key in ("format_version", "prompt_format", "n", "candidates", "adapter", "metrics"):
         if key not in meta:
             raise InputError(f"{file}: missing key {key!r}")

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import lightning as L
 
-from switchkit.config import CandidateConfig, ConfigError, Recipe, run_path
+from switchkit.config import CandidateConfig, ConfigError, Recipe, aligned_index, run_path
 from switchkit.models import load_source
 
 from .data import SwitcherDataModule
@@ -30,8 +30,7 @@ def init_candidate(recipe: Recipe) -> CandidateConfig:
     cands = recipe.pool.candidates
     if not cands:
         raise ConfigError("pool.candidates is empty: the switcher needs n >= 1 candidates (and train.init or an aligned one)")
-    aligned = [c for c in cands if c.role == "aligned"]
-    return aligned[-1] if aligned else cands[-1]
+    return cands[aligned_index([c.role for c in cands])]
 
 
 def build_module(recipe: Recipe) -> SwitcherModule:
@@ -117,14 +116,13 @@ def dataset_files(recipe: Recipe) -> list[Path]:
     """``train.data`` if set, else the synthesis output (running synthesis first when it does not exist)."""
     if recipe.train.data:
         return [Path(p) for p in recipe.train.data]
-    from switchkit.data_synthesis.synthesize import run_synthesis, synthesis_dir
+    from switchkit.data_synthesis.synthesize import data_path, run_synthesis, synthesis_dir
 
-    folder = synthesis_dir(recipe)
-    existing = [folder / name for name in ("data.parquet", "data.jsonl") if (folder / name).is_file()]
-    if existing:
-        print(f"synthesis: {existing[0]} exists, skipping synthesis")
-        return existing[:1]
-    return [Path(run_synthesis(recipe, progress=True))]
+    existing = data_path(synthesis_dir(recipe), recipe)
+    if existing.is_file():
+        print(f"synthesis: {existing} exists, skipping synthesis")
+        return [existing]
+    return [run_synthesis(recipe, progress=True)]
 
 
 def train_switcher_command(recipe: Recipe) -> None:
