@@ -269,7 +269,7 @@ def _check_manifest(directory: Path, recipe: Recipe, n_chunks: int) -> None:
 
 def load_tasks(recipe: Recipe):
     """The recipe's tasks (each on its configured split)."""
-    from switchkit.eval.tasks import load_task
+    from switchkit.tasks import load_task
 
     if not recipe.tasks:
         raise ConfigError("tasks is empty: synthesis needs at least one task")

@@ -41,7 +41,7 @@ def generate_pairs(recipe: Recipe) -> list[dict]:
     """Stage 1: switch-generation records (``input``, ``output``, ``score``, ``task``) for the training inputs."""
     from switchkit.eval.methods import Context, build_methods
     from switchkit.eval.run import cell_path, run_cell
-    from switchkit.eval.tasks import load_task
+    from switchkit.tasks import load_task
 
     if not recipe.tasks:
         raise ConfigError("tasks is empty: distillation generates over the recipe's training tasks")
@@ -64,7 +64,7 @@ def read_generations(recipe: Recipe, path: str) -> list[dict]:
 
     Records without ``score`` are scored by the task whose example has that input, when ``distill.min_score``
     is set. A record whose task is not in the recipe, or whose input no recipe task has, is an error."""
-    from switchkit.eval.tasks import load_task
+    from switchkit.tasks import load_task
 
     rows = read_jsonl(path, required=("input", "output"))
     names = {t.name for t in recipe.tasks}

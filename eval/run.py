@@ -24,7 +24,7 @@ from switchkit.config import ConfigError, Recipe, run_path, to_dict
 from switchkit.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 from .methods import Context, Method, build_methods, candidate_names
-from .tasks import Task, load_task
+from switchkit.tasks import Task, load_task
 
 PREDICTION_FIELDS = ("id", "input", "output", "gold", "score", "segments")
 

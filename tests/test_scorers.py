@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from switchkit.eval.scorers import (
+from switchkit.scorers import (
     RewardModelScorer,
     extract_answer,
     extract_letter,
@@ -15,7 +15,7 @@ from switchkit.eval.scorers import (
     noncompliance,
     token_f1,
 )
-from switchkit.eval.tasks import Example
+from switchkit.tasks import Example
 from switchkit.io import InputError
 from switchkit.testing import build_tokenizer
 

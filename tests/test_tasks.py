@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from switchkit.config import ConfigError, TaskConfig
-from switchkit.eval.tasks import load_task
+from switchkit.tasks import load_task
 from switchkit.io import InputError
 
 

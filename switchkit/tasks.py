@@ -2,7 +2,7 @@
 
 Sources (``TaskConfig.source``):
 
-- ``builtin:capitals``: the demo task shipped in ``switchkit/eval/data/capitals.jsonl`` ("What is the
+- ``builtin:capitals``: the demo task shipped in ``switchkit/data/capitals.jsonl`` ("What is the
   capital of X?", with largest-city traps); ``builtin:languages`` ("What is the official language of
   X?", the demo's unseen task). Rows alternate between ``dev`` (even) and ``test`` (odd).
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` file. A ``.json`` file holding one object
@@ -25,14 +25,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from switchkit.config import TASK_TYPES, ConfigError, TaskConfig
-from switchkit.io import InputError, read_jsonl
+from .config import TASK_TYPES, ConfigError, TaskConfig
+from .io import InputError, read_jsonl
 
 from .scorers import accepted_answers, get_scorer
 
 log = logging.getLogger(__name__)
 
-# built-in demo tasks: facts shipped in eval/data/<name>.jsonl and the question asked about each country
+# built-in demo tasks: facts shipped in switchkit/data/<name>.jsonl and the question asked about each country
 BUILTINS = {"capitals": "What is the capital of {country}?", "languages": "What is the official language of {country}?"}
 LETTERS = string.ascii_uppercase
 
@@ -152,7 +152,7 @@ def _builtin_rows(name: str, split: str) -> tuple[list[dict], str]:
         raise InputError(f"unknown builtin task 'builtin:{name}': allowed are {', '.join('builtin:' + b for b in BUILTINS)}")
     if split not in ("dev", "test"):
         raise InputError(f"builtin:{name} has splits dev and test, not {split!r}")
-    node = resources.files("switchkit.eval").joinpath("data", f"{name}.jsonl")
+    node = resources.files("switchkit").joinpath("data", f"{name}.jsonl")
     with resources.as_file(node) as path:
         facts = read_jsonl(path, required=("country", "answers"))
     offset = 0 if split == "dev" else 1

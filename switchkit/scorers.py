@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from switchkit.io import InputError
+from .io import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Example
