@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from switchkit.config import CandidateConfig, GenerationConfig, PoolConfig
-from switchkit.engine import SinglePolicy, SwitchEngine, SwitcherPolicy
+from switchkit.engine import SwitchEngine
 from switchkit.models import encode_query, load_pool
-from switchkit.prompt import build_prompt
+from switchkit.policies import SinglePolicy, SwitcherPolicy
+from switchkit.prompt import build_prompt, get_format
 from switchkit.testing import build_tokenizer, save_tiny_model
 
 # CPU time of this process: with one torch thread it is the work done, and other jobs on a shared machine
@@ -133,7 +134,7 @@ def switch_generate(pool, queries, patch: int, max_new: int, policy=None) -> tup
     engine = SwitchEngine(pool, GenerationConfig(patch_size=patch, max_new_tokens=max_new, temperature=0.0,
                                                  batch_size=len(queries)))
     aligned = pool[pool.aligned_index]
-    policy = policy or SwitcherPolicy(aligned.model, aligned.tokenizer, len(pool), top_p=0.7)
+    policy = policy or SwitcherPolicy(engine, aligned.index, aligned.tokenizer, get_format("v1"), top_p=0.7)
     batches = []
     write = engine.write
     engine.write = lambda seqs, models: (batches.append(len(seqs)), write(seqs, models))

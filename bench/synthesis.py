@@ -28,9 +28,12 @@ import torch
 
 from switchkit.config import CandidateConfig, PoolConfig, Recipe, SynthesisConfig, TaskConfig
 from switchkit.config import GenerationConfig, validate
-from switchkit.data_synthesis.synthesize import load_tasks, plan, run_chunk
-from switchkit.engine import RandomPolicy, SwitchEngine
+from switchkit.data_synthesis.plan import plan
+from switchkit.data_synthesis.rollouts import run_chunk
+from switchkit.engine import SwitchEngine
 from switchkit.models import encode_query, load_pool
+from switchkit.policies import RandomPolicy
+from switchkit.tasks import load_tasks
 from switchkit.testing import build_tokenizer, save_tiny_model
 
 QUERIES = ["What is the capital of France?", "What is the capital of Canada?", "Solve 12 + 30.",
@@ -98,7 +101,7 @@ def main() -> None:
         recipe = make_recipe(Path(tmp), args.quick)
         recipe.pool.device = args.device
         pool = load_pool(recipe.pool)
-        tasks = load_tasks(recipe)
+        tasks = load_tasks(recipe.tasks)
         chunk = plan(recipe, [len(t.examples) for t in tasks])[0]
         engine = SwitchEngine(pool, recipe.generation)
         run_chunk(engine, tasks, chunk[:1], recipe)  # warm-up

@@ -67,13 +67,11 @@ def run_variant(variant: str, recipe_name: str, steps: int, micro_batch: int, ma
                                        "train.strategy=auto", "train.lora.dropout=0.0"])
     module = build_module(recipe)
     model, tok, vocab = module.model, module.tokenizer, module.vocab
-    from switchkit.prompt import encode_prompt
-
     rng = random.Random(1)
     rows = []
     for p in prompts(micro_batch * (steps + 1), module.n):
         label = rng.randrange(module.n)
-        ids = encode_prompt(tok, vocab, p, max_length)
+        ids = module.format.encode(tok, vocab, p, max_length)
         if variant == "full_vocab_sft":
             ids = ids + [vocab.token_ids[label]]
         rows.append({"input_ids": ids, "label": label, "utilities": [0.0] * module.n})

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from switchkit.models import encode_query
+from switchkit.trainer.base import EncodedDataModule
 
 IGNORE = -100
 
@@ -43,37 +42,21 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class DistillDataModule(L.LightningDataModule):
+class DistillDataModule(EncodedDataModule):
     """Encoded (query, response) pairs with a seeded train/validation split."""
 
     def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer, *, plain_template: str, max_length: int,
                  micro_batch_size: int, val_fraction: float = 0.1, seed: int = 0):
-        super().__init__()
-        self.pairs, self.tokenizer, self.plain_template = list(pairs), tokenizer, plain_template
-        self.max_length, self.micro_batch_size = max_length, micro_batch_size
+        super().__init__(tokenizer, collate, micro_batch_size)
+        self.pairs, self.plain_template, self.max_length = list(pairs), plain_template, max_length
         self.val_fraction, self.seed = val_fraction, seed
-        self.train_rows: Optional[list[dict]] = None
-        self.val_rows: list[dict] = []
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Encode and split the pairs (once)."""
-        if self.train_rows is not None:
+        if self.train_set is not None:
             return
         rows = [encode_pair(self.tokenizer, q, r, self.plain_template, self.max_length) for q, r in self.pairs]
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(len(rows) * self.val_fraction)) if len(rows) > 1 else 0
-        self.val_rows = [rows[i] for i in order[:n_val]]
-        self.train_rows = [rows[i] for i in order[n_val:]]
-
-    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(rows, batch_size=self.micro_batch_size, shuffle=shuffle,
-                          collate_fn=lambda batch: collate(batch, pad_id))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled micro-batches of the training pairs."""
-        return self._loader(self.train_rows, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Micro-batches of the held-out pairs (none if there are none)."""
-        return self._loader(self.val_rows, shuffle=False) if self.val_rows else []
+        self.val_set = [rows[i] for i in order[:n_val]]
+        self.train_set = [rows[i] for i in order[n_val:]]

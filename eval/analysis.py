@@ -181,22 +181,24 @@ def p_metrics(pretrained: float, others: Sequence[float], collab: float) -> dict
     }
 
 
-def z_test(ours: Mapping[str, float], baseline: Mapping[str, float]) -> dict:
-    """One-tailed paired z-test that ``ours`` scores higher than ``baseline`` on the same examples.
+def paired_test(ours: Mapping[str, float], baseline: Mapping[str, float]) -> dict:
+    """One-tailed paired t-test (``scipy.stats.ttest_rel``, H1: ``ours`` > ``baseline``) over the shared example ids.
 
-    d_i = ours_i - baseline_i over the shared example ids; z = mean(d) / (sd(d) / sqrt(n)); p = P(Z > z).
-    A paired test fits both 0/1 accuracy and graded scores (F1, rewards) and removes per-example difficulty.
+    A paired test fits both 0/1 accuracy and graded scores and removes per-example difficulty. When every
+    difference is equal the statistic is undefined and the one-sided p is 0, 1/2 or 1.
     """
     ids = sorted(set(ours) & set(baseline))
-    d = np.array([ours[i] - baseline[i] for i in ids], dtype=float)
+    a = np.array([ours[i] for i in ids], dtype=float)
+    b = np.array([baseline[i] for i in ids], dtype=float)
+    d = a - b
     n = len(d)
     if n < 2:
-        return {"n": n, "diff": float(d.mean()) if n else None, "z": None, "p": None}
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd == 0:  # every difference equal: z is undefined, the one-sided p is 0, 1/2 or 1
-        return {"n": n, "diff": mean, "z": None, "p": 0.0 if mean > 0 else 1.0 if mean < 0 else 0.5}
-    z = mean / (sd / math.sqrt(n))
-    return {"n": n, "diff": mean, "z": z, "p": float(stats.norm.sf(z))}
+        return {"n": n, "diff": float(d.mean()) if n else None, "t": None, "p": None}
+    mean = float(d.mean())
+    if np.all(d == d[0]):
+        return {"n": n, "diff": mean, "t": None, "p": 0.0 if mean > 0 else 1.0 if mean < 0 else 0.5}
+    res = stats.ttest_rel(a, b, alternative="greater")
+    return {"n": n, "diff": mean, "t": float(res.statistic), "p": float(res.pvalue)}
 
 
 def stars(p: Optional[float]) -> str:

@@ -1,14 +1,17 @@
-"""Evaluation methods: one small registered class per way of answering a task's queries.
+"""Evaluation methods: the ways of answering a task's queries that ``eval.methods`` can name.
 
-A method turns queries into generation records (``{"output", "segments", "switch_probs", ...}``, the
-engine's format). Most methods are a switch-generation policy over the recipe's pool, so a new one is::
+Every registered policy (:data:`switchkit.policies.POLICIES`) is a method by its own name (``random``,
+``untuned``, ``forced:1,0``, a new baseline policy ...), so a baseline registered once in the core reaches
+``toolkit generate``, distillation and evaluation alike. This module adds the methods that are more than one
+policy: ``single`` (every candidate alone), the trained switchers (``switch``, ``switch-global``,
+``switch-task``), the ``distilled`` model, and the ``oracle`` ceiling (computed, never generated).
+A method that needs no policy overrides :meth:`Method.generate`::
 
-    @register("my-baseline")
-    class MyBaseline(Method):
-        def policy(self, ctx, task):
-            return MyPolicy(...)
+    @register("my-method")
+    class MyMethod(Method):
+        def generate(self, ctx, task, queries, seeds):
+            return [{"output": ..., "segments": []} for _ in queries]
 
-A method that does not fit the engine (say, a weight merge) overrides :meth:`Method.generate` instead.
 Names in ``eval.methods`` are registry keys, optionally with an argument after a colon (``single:2``).
 """
 
@@ -17,71 +20,62 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from switchkit.config import CandidateConfig, ConfigError, Recipe, candidate_name, run_path
-from switchkit.prompt import META_FILE
+from switchkit.artifacts import META_FILE, distilled_model_dir, switcher_dir
+from switchkit.config import CandidateConfig, ConfigError, Recipe, candidate_name
+from switchkit.policies import POLICIES, make_policy
+from switchkit.registry import registrar
+from switchkit.runner import file_hash
 
 if TYPE_CHECKING:  # pragma: no cover
-    from switchkit.models import Pool
+    from switchkit.engine import SwitchEngine
 
 REGISTRY: dict[str, type["Method"]] = {}
+register = registrar(REGISTRY, "kind")  # @register("kind"): the class becomes an eval.methods entry
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def register(kind: str):
-    """Class decorator: make a :class:`Method` subclass available under ``kind`` in ``eval.methods``."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        cls.kind = kind
-        REGISTRY[kind] = cls
-        return cls
-
-    return wrap
-
-
 class Context:
-    """What the methods of one eval run share: the pool and engine (loaded once, on first use) and a switcher."""
+    """What the methods of one eval run share: the pool's engine (loaded on first use) and one policy at a time."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self._pool: Optional[Pool] = None
-        self._engine = None
-        self._loaded: dict[str, object] = {}
+        self._engine: Optional[SwitchEngine] = None
+        self._held: tuple[Optional[str], object] = (None, None)
 
     @property
-    def pool(self) -> "Pool":
-        """The recipe's pool, loaded on first use."""
-        if self._pool is None:
-            from switchkit.models import load_pool
-
-            self._pool = load_pool(self.recipe.pool)
-        return self._pool
-
-    @property
-    def engine(self):
-        """A switch-generation engine over the pool with the recipe's generation settings."""
+    def engine(self) -> "SwitchEngine":
+        """A switch-generation engine over the recipe's pool."""
         if self._engine is None:
             from switchkit.engine import SwitchEngine
+            from switchkit.models import load_pool
 
-            self._engine = SwitchEngine(self.pool, self.recipe.generation)
+            self._engine = SwitchEngine(load_pool(self.recipe.pool), self.recipe.generation)
         return self._engine
 
-    def cached(self, key: str, load):
-        """One extra loaded object (a switcher, a distilled model) at a time: ``load()`` runs when ``key`` changes."""
-        if key not in self._loaded:
-            self._loaded.clear()
-            self._loaded[key] = load()
-        return self._loaded[key]
+    def hold(self, key: str, load: Callable[[], object]):
+        """One loaded object (a policy, an engine) at a time: ``load()`` runs when ``key`` changes, and the
+        previous object is closed first (a switcher's adapter is unloaded)."""
+        if self._held[0] != key:
+            close = getattr(self._held[1], "close", None)
+            if close is not None:
+                close()
+            self._held = (None, None)
+            self._held = (key, load())
+        return self._held[1]
 
 
 class Method:
     """A way to answer queries. ``ours`` marks the toolkit's own methods (compared with the best baseline);
-    ``collaborative`` marks methods whose responses several pool models write (switching analyses apply)."""
+    ``collaborative`` marks methods whose responses several pool models write (switching analyses apply);
+    ``computed`` methods are derived from other methods' cells instead of generated."""
 
     kind: str = ""
     ours: bool = False
     collaborative: bool = True
+    computed: bool = False
+    makes = ""  # the command that creates the method's artifact, named in the error when it is missing
 
     def __init__(self, recipe: Recipe, arg: Optional[str] = None):
         self.recipe = recipe
@@ -95,15 +89,11 @@ class Method:
     @classmethod
     def expand(cls, recipe: Recipe, arg: Optional[str]) -> list["Method"]:
         """The methods one ``eval.methods`` entry stands for (one, unless a subclass expands it)."""
-        if arg is not None:
-            raise ConfigError(f"eval.methods: method {cls.kind!r} takes no argument, got {cls.kind}:{arg}")
-        return [cls(recipe)]
+        return [cls(recipe, arg)]
 
     def artifact(self, task: str) -> Optional[Path]:
         """A file or folder this method needs for ``task`` (checked before any generation), or None."""
         return None
-
-    makes = ""  # the command that creates the artifact, named in the error when it is missing
 
     def check(self, task: str) -> None:
         """Raise a :class:`ConfigError` naming the missing artifact and the command that makes it."""
@@ -111,74 +101,53 @@ class Method:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"method {self.name} needs {path}, which does not exist: run `{self.makes}` first")
 
+    def stamp(self, task: str) -> str:
+        """What identifies this method's model for ``task`` in a cell's fingerprint (its artifact's content)."""
+        path = self.artifact(task)
+        return file_hash(path) if path is not None and Path(path).is_file() else ""
+
     def policy(self, ctx: Context, task: str):
-        """The engine policy that answers ``task``'s queries (for engine-based methods)."""
+        """The policy that answers ``task`` (methods that generate through the recipe's pool)."""
         raise NotImplementedError(f"method {self.name} defines neither policy() nor generate()")
 
-    def generate(self, ctx: Context, task: str, queries: list[str], seed: int) -> list[dict]:
-        """Generation records for ``queries`` (one per query, in order)."""
-        return ctx.engine.generate(queries, self.policy(ctx, task), seed=seed, progress=False)
+    def generate(self, ctx: Context, task: str, queries: list[str], seeds: list[int]) -> list[dict]:
+        """Generation records for ``queries`` (one per query, in order; query i drawn with ``seeds[i]``)."""
+        return ctx.engine.generate(queries, self.policy(ctx, task), seeds)
 
 
-def candidate_names(recipe: Recipe) -> list[str]:
-    """Candidate names as the pool loader sets them (``name``, else the source's last path part)."""
-    return [candidate_name(c) for c in recipe.pool.candidates]
+class PolicyMethod(Method):
+    """A registered policy by its own name (``kind[:arg]``), configured by the recipe's ``switcher`` section."""
+
+    def __init__(self, recipe: Recipe, arg: Optional[str] = None, kind: Optional[str] = None):
+        super().__init__(recipe, arg)
+        self.kind = kind or self.kind
+
+    def policy(self, ctx, task):
+        return ctx.hold(f"policy:{self.name}", lambda: make_policy(self.recipe, ctx.engine, self.kind, self.arg))
 
 
 @register("single")
-class SingleModel(Method):
+class SingleModel(PolicyMethod):
     """One pool candidate alone (``single`` expands to every candidate; ``single:NAME`` or ``single:INDEX``)."""
 
     collaborative = False
 
     @classmethod
     def expand(cls, recipe: Recipe, arg: Optional[str]) -> list[Method]:
-        names = candidate_names(recipe)
+        names = [candidate_name(c) for c in recipe.pool.candidates]
         if arg is None:
             return [cls(recipe, name) for name in names]
         if arg in names:
             return [cls(recipe, arg)]
         if arg.lstrip("-").isdigit() and -len(names) <= int(arg) < len(names):
             return [cls(recipe, names[int(arg)])]
-        raise ConfigError(f"eval.methods: single:{arg} names no candidate: allowed are {', '.join(names)} or 0..{len(names) - 1}")
-
-    @property
-    def index(self) -> int:
-        """The candidate's index in the pool."""
-        return candidate_names(self.recipe).index(self.arg)
-
-    def policy(self, ctx: Context, task: str):
-        from switchkit.engine import SinglePolicy
-
-        return SinglePolicy(self.index)
-
-
-@register("random")
-class RandomSwitching(Method):
-    """Uniform random choice of the next writer at every patch."""
-
-    def policy(self, ctx: Context, task: str):
-        from switchkit.engine import RandomPolicy
-
-        return RandomPolicy()
-
-
-@register("untuned")
-class UntunedSwitcher(Method):
-    """The aligned candidate's own model, not fine-tuned, used as the switcher (weights shared with the pool),
-    or the model at ``switcher.path`` when ``switcher.policy`` is ``untuned``."""
-
-    def policy(self, ctx: Context, task: str):
-        from switchkit.engine import make_policy
-
-        cfg = self.recipe.switcher
-        path = cfg.path if cfg.policy == "untuned" else None
-        recipe = replace(self.recipe, switcher=replace(cfg, policy="untuned", path=path))
-        return ctx.cached(f"untuned:{path}", lambda: make_policy(recipe, ctx.pool))
+        raise ConfigError(f"eval.methods: single:{arg} names no candidate: allowed are {', '.join(names)} "
+                          f"or 0..{len(names) - 1}")
 
 
 class TrainedSwitcher(Method):
-    """A switcher trained by ``toolkit train-switcher`` (global at ``<run_dir>/switcher``, per task below it)."""
+    """A switcher trained by ``toolkit train-switcher`` (:func:`switchkit.artifacts.switcher_dir`), or
+    ``switcher.path`` (per task: ``switcher.path/<task>``) when ``switcher.policy`` is ``trained``."""
 
     ours = True
     per_task = False
@@ -187,31 +156,24 @@ class TrainedSwitcher(Method):
     def makes(self) -> str:
         return f"toolkit train-switcher recipe={self.recipe.name}" + (" train.per_task=true" if self.per_task else "")
 
-    def root(self) -> Path:
-        """The trained global switcher (``switcher.path`` when ``switcher.policy`` is ``trained``)."""
+    def switcher_path(self, task: str) -> Path:
+        """Where the switcher for ``task`` lives."""
         cfg = self.recipe.switcher
         if cfg.policy == "trained" and cfg.path:
-            return Path(cfg.path)
-        return run_path(self.recipe, self.recipe.train.output, "switcher")
-
-    def switcher_path(self, task: str) -> str:
-        """Where the switcher for ``task`` lives."""
-        return str(self.root() / task if self.per_task else self.root())
-
-    def policy(self, ctx: Context, task: str):
-        from switchkit.engine import load_switcher
-
-        path = self.switcher_path(task)
-        cfg = self.recipe.switcher
-        return ctx.cached(f"switcher:{path}", lambda: load_switcher(
-            path, ctx.pool, top_p=cfg.top_p, greedy=cfg.greedy, allow_n_mismatch=cfg.allow_n_mismatch))
+            return Path(cfg.path) / task if self.per_task else Path(cfg.path)
+        return switcher_dir(self.recipe, task if self.per_task else None)
 
     def artifact(self, task: str) -> Optional[Path]:
         path = self.switcher_path(task)
-        if self.recipe.switcher.policy == "trained" and self.recipe.switcher.path:
+        cfg = self.recipe.switcher
+        if cfg.policy == "trained" and cfg.path:
             # a given path: a local folder must exist; a hub id (owner/name) is checked when it loads
-            return None if HUB_ID.match(path) and not Path(path).exists() else Path(path)
-        return Path(path) / META_FILE
+            return None if HUB_ID.match(str(path)) and not path.exists() else path
+        return path / META_FILE
+
+    def policy(self, ctx, task):
+        path = str(self.switcher_path(task))
+        return ctx.hold(f"switcher:{path}", lambda: make_policy(self.recipe, ctx.engine, "trained", path))
 
 
 @register("switch-global")
@@ -221,7 +183,7 @@ class GlobalSwitcher(TrainedSwitcher):
 
 @register("switch-task")
 class TaskSwitcher(TrainedSwitcher):
-    """The switcher trained on this task only (``<switcher dir>/<task>``)."""
+    """The switcher trained on this task only."""
 
     per_task = True
 
@@ -246,24 +208,42 @@ class Distilled(Method):
     def makes(self) -> str:
         return f"toolkit distill recipe={self.recipe.name}"
 
-    def path(self) -> Path:
-        """The distilled model's HF folder."""
-        return run_path(self.recipe, self.recipe.distill.output, "distilled")
-
     def artifact(self, task: str) -> Path:
-        return self.path() / "config.json"
+        return distilled_model_dir(self.recipe) / "config.json"
 
-    def generate(self, ctx: Context, task: str, queries: list[str], seed: int) -> list[dict]:
-        from switchkit.engine import SinglePolicy, SwitchEngine
+    def generate(self, ctx, task, queries, seeds):
+        from switchkit.engine import SwitchEngine
         from switchkit.models import load_pool
+        from switchkit.policies import SinglePolicy
 
         def load():
             pool_cfg = replace(self.recipe.pool, candidates=[
-                CandidateConfig(source=str(self.path()), role="aligned", name="distilled")])
+                CandidateConfig(source=str(distilled_model_dir(self.recipe)), role="aligned", name="distilled")])
             return SwitchEngine(load_pool(pool_cfg), self.recipe.generation)
 
-        engine = ctx.cached(f"distilled:{self.path()}", load)
-        return engine.generate(queries, SinglePolicy(0), seed=seed, progress=False)
+        engine = ctx.hold(f"distilled:{distilled_model_dir(self.recipe)}", load)
+        return engine.generate(queries, SinglePolicy(0), seeds)
+
+
+@register("oracle")
+class Oracle(Method):
+    """Per example, the best score among the single models' cells: the ceiling of choosing one model per query.
+
+    An upper bound, not a method one can run: it is computed from the ``single`` cells of the same run, shown
+    beside the others, and never counted as a baseline.
+    """
+
+    collaborative = False
+    computed = True
+
+    @classmethod
+    def expand(cls, recipe: Recipe, arg: Optional[str]) -> list[Method]:
+        return SingleModel.expand(recipe, None) + [cls(recipe, arg)]
+
+    @staticmethod
+    def combine(cells: list[list[dict]]) -> list[dict]:
+        """Oracle rows from the single models' rows of one cell: per example, a row with the best score."""
+        return [dict(max(rows, key=lambda r: r["score"]), method="oracle") for rows in zip(*cells)]
 
 
 def build_methods(recipe: Recipe, names: Optional[list[str]] = None) -> list[Method]:
@@ -271,11 +251,16 @@ def build_methods(recipe: Recipe, names: Optional[list[str]] = None) -> list[Met
     methods: list[Method] = []
     for entry in recipe.eval.methods if names is None else names:
         kind, _, arg = entry.partition(":")
-        if kind not in REGISTRY:
-            raise ConfigError(f"eval.methods: unknown method {entry!r}: registered are {', '.join(sorted(REGISTRY))}")
-        for method in REGISTRY[kind].expand(recipe, arg or None):
+        if kind in REGISTRY:
+            expanded = REGISTRY[kind].expand(recipe, arg or None)
+        elif kind in POLICIES:
+            expanded = [PolicyMethod(recipe, arg or None, kind)]
+        else:
+            raise ConfigError(f"eval.methods: unknown method {entry!r}: registered are "
+                              f"{', '.join(sorted(set(REGISTRY) | set(POLICIES)))}")
+        for method in expanded:
             if method.name not in {m.name for m in methods}:
                 methods.append(method)
     if not methods:
-        raise ConfigError("eval.methods is empty: name at least one of " + ", ".join(sorted(REGISTRY)))
+        raise ConfigError("eval.methods is empty: name at least one of " + ", ".join(sorted(set(REGISTRY) | set(POLICIES))))
     return methods

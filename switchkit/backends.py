@@ -1,24 +1,39 @@
-"""Generation backends: the model-facing half of the switch generation engine.
+"""Generation backends: the model-facing half of the switch generation engine (registry :data:`BACKENDS`).
 
-The engine only talks to a :class:`Backend`. A backend runs one model over many sequences at once and
-keeps an opaque per-sequence state between calls (for :class:`HFBackend`, the KV cache and the token ids
-it covers). Each call gets every sequence's full context; the backend reuses the longest cached prefix
-and computes only the rest, so callers never track what is cached. A vLLM backend can implement the same
-two methods with vLLM's prefix caching and return ``None`` states.
+The engine only talks to a :class:`Backend`, at patch granularity: write up to m tokens after each of many
+contexts, or read the log-probabilities of the switcher's model-id tokens after each of many contexts. A
+backend runs *slots*: the pool's candidates are slots ``0..n-1``; switchers are added as more slots (a full
+model, or a LoRA adapter on a candidate's weights, so the pool stays at n models).
+
+Each call gets every sequence's full context and an opaque per-sequence state from the previous call; the
+backend reuses what it can (:class:`HFBackend`: the longest cached prefix of its KV cache) and computes only
+the rest, so callers never track what is cached. Sampling is seeded per sequence and call, so a sequence's
+tokens do not depend on which other sequences share its batch. ``generation.backend`` picks the backend.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.generation.logits_process import TopPLogitsWarper
 
-# sample(logits [k, vocab], rows) -> one token id per row; ``rows`` index the call's sequences.
-Sampler = Callable[[torch.Tensor, list[int]], list[int]]
+from .registry import registrar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import Pool
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: greedy at temperature 0, else temperature and top-p sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,20 +48,55 @@ class KVState:
 
 
 class Backend(ABC):
-    """Runs model ``model`` (an index the backend understands) over a batch of sequences."""
+    """Runs the pool's models and the switchers added to it over batches of sequences."""
+
+    name = ""
 
     @abstractmethod
-    def write(self, model: int, contexts: Sequence[list[int]], states: Sequence[Optional[object]],
-              budgets: Sequence[int], sample: Sampler, eos: set[int]) -> tuple[list[list[int]], list[object]]:
-        """Generate up to ``budgets[r]`` tokens after each context (stopping at an ``eos`` token).
+    def write(self, slot: int, contexts: Sequence[list[int]], states: Sequence[Optional[object]],
+              budgets: Sequence[int], seeds: Sequence[int], sampling: Sampling,
+              stop_ids: set[int]) -> tuple[list[list[int]], list[object]]:
+        """Generate up to ``budgets[r]`` tokens after each context, stopping after a token in ``stop_ids``.
 
-        Returns the new tokens per sequence (an EOS token included) and the new states.
+        ``seeds[r]`` seeds sequence r's draws in this call. Returns the new tokens per sequence (a stop token
+        included) and the new states.
         """
 
     @abstractmethod
-    def next_logits(self, model: int, contexts: Sequence[list[int]],
-                    states: Sequence[Optional[object]]) -> tuple[torch.Tensor, list[object]]:
-        """The next-token logits ``[batch, vocab]`` after each context, and the new states."""
+    def id_logprobs(self, slot: int, contexts: Sequence[list[int]], states: Sequence[Optional[object]],
+                    token_ids: Sequence[int]) -> tuple[torch.Tensor, list[object]]:
+        """Log-probabilities ``[batch, len(token_ids)]`` of the next token, renormalised over ``token_ids``."""
+
+    @abstractmethod
+    def prefill(self, slot: int, contexts: Sequence[list[int]],
+                states: Sequence[Optional[object]]) -> list[object]:
+        """Bring each sequence's state up to its context (so forks of it share the work); the new states."""
+
+    @abstractmethod
+    def add_model(self, source: str, gguf_file: Optional[str] = None):
+        """Load a switcher model as a new slot; returns (slot, tokenizer)."""
+
+    @abstractmethod
+    def add_adapter(self, base: int, folder: Path) -> int:
+        """Attach the peft LoRA adapter in ``folder`` to slot ``base``'s weights as a new slot."""
+
+    @abstractmethod
+    def remove(self, slot: int) -> None:
+        """Drop a slot added by :meth:`add_model` or :meth:`add_adapter` (an adapter is unloaded)."""
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+# @register_backend("name"): the class (built from the pool) becomes generation.backend=name
+register_backend = registrar(BACKENDS, "name")
+
+
+def make_backend(name: str, pool: "Pool") -> Backend:
+    """The backend ``name`` over ``pool``."""
+    from .config import ConfigError
+
+    if name not in BACKENDS:
+        raise ConfigError(f"generation.backend={name!r} is unknown: allowed are {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name](pool)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -60,49 +110,82 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _adapter_modules(model: torch.nn.Module) -> list:
-    """The peft tuner layers injected into ``model`` (empty when it has no adapter)."""
-    if not getattr(model, "_hf_peft_config_loaded", False):
-        return []
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
-
-
-@contextmanager
-def adapters_enabled(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Run with the model's peft adapters (if any) switched on or off, restoring them afterwards.
-
-    This is how a LoRA switcher shares its base weights with the aligned candidate: the switcher runs
-    with the adapter on, the aligned candidate writes with it off.
-    """
-    modules = _adapter_modules(model)
-    if not modules:
-        yield
-        return
-    for m in modules:
-        m.enable_adapters(enabled)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.enable_adapters(True)
+def sample_tokens(logits: torch.Tensor, seeds: Sequence[int], sampling: Sampling) -> list[int]:
+    """One token per row: argmax at temperature 0, else a draw seeded by the row's seed."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1).tolist()
+    scores = logits.float().cpu() / sampling.temperature
+    if sampling.top_p < 1:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    probs = scores.softmax(-1)
+    return [int(torch.multinomial(p, 1, generator=torch.Generator().manual_seed(seed))) for p, seed in zip(probs, seeds)]
 
 
+@register_backend("hf")
 class HFBackend(Backend):
-    """Hugging Face transformers backend: batched forward passes over left-padded per-sequence KV caches.
+    """Hugging Face transformers: batched forward passes over left-padded per-sequence KV caches.
 
     Per call, each sequence keeps the longest prefix of its context that its cache covers and feeds the
     rest. The batch is laid out with pure left padding (the cached parts are padded to one length, the
     new tokens to another; a sequence with fewer new tokens re-feeds a few cached ones instead of
     leaving a gap), so the model's own padding-mask handling applies. Afterwards each sequence's cache is
-    sliced back out of the batch.
+    sliced back out of the batch. A LoRA switcher is a named peft adapter on its base slot's model, switched
+    on only while that slot runs.
     """
 
-    def __init__(self, get_model: Callable[[int], torch.nn.Module], adapters: bool = False):
-        self.get_model = get_model
-        self.adapters = adapters
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+        self.slots: dict[int, tuple[torch.nn.Module, Optional[str]]] = {
+            c.index: (c.model, None) for c in pool.candidates}
+        self._next = len(pool)
+
+    def _model(self, slot: int) -> torch.nn.Module:
+        """The slot's model, with its own adapter active and every other adapter off.
+
+        This goes through peft's tuner layers: transformers' own adapter switches ask for a newer peft than PyPI has.
+        """
+        model, adapter = self.slots[slot]
+        if getattr(model, "_hf_peft_config_loaded", False):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for layer in model.modules():
+                if isinstance(layer, BaseTunerLayer):
+                    layer.enable_adapters(adapter is not None)
+                    if adapter is not None:
+                        layer.set_adapter(adapter, inference_mode=True)
+        return model
+
+    def add_model(self, source, gguf_file=None):
+        from .models import load_causal_lm
+
+        aligned = self.pool[self.pool.aligned_index].model
+        param = next(aligned.parameters())
+        model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, dtype=param.dtype, device=param.device)
+        return self._add(model, None), tokenizer
+
+    def add_adapter(self, base, folder):
+        model = self.slots[base][0]
+        name = f"switcher-{self._next}"
+        model.load_adapter(str(folder), adapter_name=name)
+        return self._add(model, name)
+
+    def _add(self, model, adapter):
+        slot, self._next = self._next, self._next + 1
+        self.slots[slot] = (model, adapter)
+        return slot
+
+    def remove(self, slot):
+        model, adapter = self.slots.pop(slot)
+        if adapter is None:
+            return
+        # peft's own deletion (transformers' delete_adapter wraps it but asks for a newer peft than PyPI has)
+        from peft.functional import delete_adapter
+
+        delete_adapter(model, adapter_name=adapter, prefix=f"{model.peft_config[adapter].peft_type.value.lower()}_")
+        del model.peft_config[adapter]
+        if not model.peft_config:
+            del model.peft_config
+            model._hf_peft_config_loaded = False
 
     def _prefill(self, model, contexts, states, extra: int = 0):
         n = len(contexts)
@@ -147,40 +230,46 @@ class HFBackend(Backend):
                        for layer in cache.layers)
         return KVState(tuple(ids), layers)
 
-    @torch.inference_mode()
-    def next_logits(self, model, contexts, states):
-        net = self.get_model(model)
-        with adapters_enabled(net, self.adapters):
-            logits, cache, mask, _ = self._prefill(net, contexts, states)
+    def _forward(self, slot, contexts, states):
+        logits, cache, mask, _ = self._prefill(self._model(slot), contexts, states)
         end = mask.shape[1]
-        new_states = [self._slice(cache, r, end - len(c), end, c) for r, c in enumerate(contexts)]
-        return logits.float(), new_states
+        return logits, [self._slice(cache, r, end - len(c), end, c) for r, c in enumerate(contexts)]
 
     @torch.inference_mode()
-    def write(self, model, contexts, states, budgets, sample, eos):
-        net = self.get_model(model)
+    def prefill(self, slot, contexts, states):
+        return self._forward(slot, contexts, states)[1]
+
+    @torch.inference_mode()
+    def id_logprobs(self, slot, contexts, states, token_ids):
+        logits, new_states = self._forward(slot, contexts, states)
+        return logits[:, list(token_ids)].float().log_softmax(-1).cpu(), new_states
+
+    @torch.inference_mode()
+    def write(self, slot, contexts, states, budgets, seeds, sampling, stop_ids):
+        net = self._model(slot)
         n = len(contexts)
         out: list[list[int]] = [[] for _ in range(n)]
         active = [r for r in range(n) if budgets[r] > 0]
-        with adapters_enabled(net, self.adapters):
-            logits, cache, mask, position = self._prefill(net, contexts, states, max([*budgets, 1]) - 1)
-            start = mask.shape[1]
-            tokens = torch.zeros((n, 1), dtype=torch.long)
-            while active:
-                picked = sample(logits[active], active)
-                still = []
-                for r, tok in zip(active, picked):
-                    out[r].append(tok)
-                    tokens[r, 0] = tok
-                    if tok not in eos and len(out[r]) < budgets[r]:
-                        still.append(r)
-                active = still
-                if not active:
-                    break
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-                position = position + 1
-                logits = net(input_ids=tokens.to(net.device), attention_mask=mask, position_ids=position,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits, cache, mask, position = self._prefill(net, contexts, states, max([*budgets, 1]) - 1)
+        start = mask.shape[1]
+        tokens = torch.zeros((n, 1), dtype=torch.long)
+        step = 0
+        while active:
+            picked = sample_tokens(logits[active], [seeds[r] + step for r in active], sampling)
+            still = []
+            for r, tok in zip(active, picked):
+                out[r].append(tok)
+                tokens[r, 0] = tok
+                if tok not in stop_ids and len(out[r]) < budgets[r]:
+                    still.append(r)
+            active = still
+            if not active:
+                break
+            step += 1
+            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+            position = position + 1
+            logits = net(input_ids=tokens.to(net.device), attention_mask=mask, position_ids=position,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         new_states = []
         for r, ctx in enumerate(contexts):
             covered = list(ctx) + out[r][:-1]

@@ -44,17 +44,6 @@ def split_args(args: tuple[str, ...], own: tuple[str, ...]) -> tuple[str, list[s
     return recipe, overrides, extra
 
 
-def _stage(module: str, func: str) -> Callable:
-    """Import a stage entry point; a stage that does not exist yet is reported plainly."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            raise click.ClickException(f"this stage is not implemented yet ({module} does not exist)") from None
-        raise
-    return getattr(mod, func)
-
-
 def _run(args: tuple[str, ...], own: tuple[str, ...], entry: Callable[..., None]) -> None:
     try:
         name, overrides, extra = split_args(args, own)
@@ -74,32 +63,44 @@ def main() -> None:
     """switchkit: train switchers, run switch generation, distill and evaluate."""
 
 
-def _command(name: str, module: str, func: str, own: tuple[str, ...] = (), help: str = "") -> None:
+def _command(name: str, target: str, own: tuple[str, ...] = (), help: str = "") -> None:
+    """A ``toolkit NAME recipe=... key=value`` command that calls ``module:function(recipe, **own args)``."""
+    module, func = target.split(":")
+
     @main.command(name=name, context_settings=CONTEXT, help=help)
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def command(args: tuple[str, ...]) -> None:
-        _run(args, own, lambda recipe, **kw: _stage(module, func)(recipe, **kw))
+        _run(args, own, lambda recipe, **kw: getattr(importlib.import_module(module), func)(recipe, **kw))
+
+
+def distill_and_evaluate(recipe: Recipe) -> None:
+    """Train the distilled model, then evaluate it beside the aligned model and switch generation."""
+    from .distill.pipeline import distill_command
+    from .eval.distilled import evaluate_distilled
+
+    distill_command(recipe)
+    evaluate_distilled(recipe)
 
 
 _command(
-    "generate", "switchkit.engine", "generate_command", ("input", "output"),
+    "generate", "switchkit.runner:generate_command", ("input", "output"),
     "Switch-generate responses: recipe=NAME input=in.jsonl output=out.jsonl [key=value ...].",
 )
 _command(
-    "synthesize", "switchkit.data_synthesis.synthesize", "synthesize_command", ("merge",),
+    "synthesize", "switchkit.data_synthesis.synthesize:synthesize_command", ("merge",),
     "Synthesize switcher training data from rollouts: recipe=NAME [synthesis.shard=i synthesis.num_shards=N] "
     "[merge=DIR1,DIR2,...].",
 )
 _command(
-    "train-switcher", "switchkit.trainer.pipeline", "train_switcher_command", (),
+    "train-switcher", "switchkit.trainer.pipeline:train_switcher_command", (),
     "Synthesize (if needed), train and export a switcher: recipe=NAME [key=value ...].",
 )
 _command(
-    "distill", "switchkit.distill.pipeline", "distill_command", (),
-    "Distill switch generation into the aligned model: recipe=NAME [key=value ...].",
+    "distill", "switchkit.cli:distill_and_evaluate", (),
+    "Distill switch generation into the aligned model and evaluate it: recipe=NAME [key=value ...].",
 )
 _command(
-    "eval", "switchkit.eval.run", "eval_command", (),
+    "eval", "switchkit.eval.run:eval_command", (),
     "Evaluate methods x tasks x splits: recipe=NAME [key=value ...].",
 )
 
@@ -112,7 +113,9 @@ def report(args: tuple[str, ...]) -> None:
         extra = dict(a.split("=", 1) for a in args if "=" in a)
         if "run" not in extra or len(extra) != len(args):
             raise ConfigError("usage: toolkit report run=DIR")
-        _stage("switchkit.eval.report", "report_command")(extra["run"])
+        from .eval.report import report_command
+
+        report_command(extra["run"])
     except _user_errors() as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -126,7 +129,9 @@ def release(args: tuple[str, ...]) -> None:
         extra = dict(a.split("=", 1) for a in args if "=" in a)
         if not {"ckpt", "out"} <= set(extra) or len(extra) != len(args):
             raise ConfigError("usage: toolkit release ckpt=DIR out=DIR [push_to_hub=REPO_ID]")
-        _stage("switchkit.trainer.release", "release_command")(**extra)
+        from .trainer.release import release_command
+
+        release_command(**extra)
     except _user_errors() as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

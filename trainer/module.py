@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from switchkit.config import LoraConfig
-from switchkit.prompt import encode_prompt, switcher_vocab
+from switchkit.prompt import PromptFormat
 
+from .base import TrainableModule
 from .data import collate
 
 
@@ -43,29 +42,15 @@ class UtilityRegret(Metric):
         return self.total / self.count.clamp(min=1)
 
 
-def apply_lora(model, lora: LoraConfig):
-    """Wrap a causal LM with a peft LoRA adapter (only the adapter trains)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:  # e.g. target modules not found in the backbone
-        from switchkit.config import ConfigError
-
-        raise ConfigError(f"train.lora.target_modules={list(lora.target_modules)}: {str(exc).splitlines()[0]}") from None
-
-
-class SwitcherModule(L.LightningModule):
+class SwitcherModule(TrainableModule):
     """Train a causal LM to pick the next writer: cross-entropy over the n model-id logits at the last position."""
 
-    def __init__(self, model, tokenizer, n: int, *, lr: float = 2e-4, soft_targets: bool = False,
+    def __init__(self, model, tokenizer, n: int, fmt: PromptFormat, *, lr: float = 2e-4, soft_targets: bool = False,
                  soft_temperature: float = 1.0, max_length: Optional[int] = None):
-        super().__init__()
-        self.model, self.tokenizer, self.n = model, tokenizer, n
-        self.vocab = switcher_vocab(tokenizer, n)
-        self.lr, self.soft_targets, self.soft_temperature = lr, soft_targets, soft_temperature
+        super().__init__(model, tokenizer, lr=lr)
+        self.n, self.format = n, fmt
+        self.vocab = fmt.vocab(tokenizer, n)
+        self.soft_targets, self.soft_temperature = soft_targets, soft_temperature
         self.max_length = max_length
         self.register_buffer("id_tokens", torch.tensor(self.vocab.token_ids), persistent=False)
         metrics = {
@@ -75,8 +60,6 @@ class SwitcherModule(L.LightningModule):
         }
         self.val_metrics = MetricCollection(metrics, prefix="val_")
         self.val_class_acc = MulticlassAccuracy(num_classes=n, average=None)
-        # Lightning checkpoints hold only trainable weights (see on_save_checkpoint).
-        self.strict_loading = False
 
     @property
     def lm(self):
@@ -129,24 +112,15 @@ class SwitcherModule(L.LightningModule):
         self.val_metrics.reset()
         self.val_class_acc.reset()
 
-    def configure_optimizers(self):
-        """AdamW over the trainable parameters."""
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trainable weights (a LoRA checkpoint does not repeat the frozen backbone)."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
     @torch.no_grad()
     def decide_probs(self, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Switcher probabilities [B, n] for v1 prompts (same encoding as training and the engine)."""
+        """Switcher probabilities [B, n] for selector texts (the encoding of training and the engine)."""
         was_training = self.training
         self.eval()
         out = []
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(prompts), batch_size):
-            rows = [{"input_ids": encode_prompt(self.tokenizer, self.vocab, p, self.max_length), "label": 0,
+            rows = [{"input_ids": self.format.encode(self.tokenizer, self.vocab, p, self.max_length), "label": 0,
                      "utilities": [0.0] * self.n} for p in prompts[start:start + batch_size]]
             batch = {k: v.to(self.device) for k, v in collate(rows, pad_id).items()}
             out.append(self(batch["input_ids"], batch["attention_mask"], batch["last_index"]).softmax(-1).cpu())

@@ -6,12 +6,14 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from switchkit.io import InputError, atomic_path
+from huggingface_hub import ModelCard, ModelCardData
 
-from .export import read_meta
+from switchkit.artifacts import META_FILE, SwitcherMeta, read_meta
+from switchkit.io import InputError, atomic_path
 
 METRIC_NAMES = {
     "accuracy": "accuracy (argmax = label)",
+    "majority_accuracy": "majority-class accuracy (baseline)",
     "calibration_error": "expected calibration error",
     "utility_regret": "utility regret (best minus chosen)",
     "loss": "cross-entropy",
@@ -19,49 +21,68 @@ METRIC_NAMES = {
     "val_records": "validation records",
 }
 
+CARD = """---
+{{ card_data }}
+---
+
+# switchkit switcher
+
+A switcher LM for switch generation over a pool of {{ n }} checkpoints: given a query and the response so far
+(prompt format `{{ prompt_format }}`), it picks which checkpoint writes the next patch, from the next-token
+logits of the model-id tokens `0`..`{{ n - 1 }}`.
+{% if adapter %}
+This folder holds a LoRA adapter. Its base is the pool candidate `{{ base_model }}`; switchkit shares that
+candidate's weights, so the pool stays at n models.
+{% endif %}
+## Candidates
+
+| id | name | role | source |
+| --- | --- | --- | --- |
+{% for c in candidates %}| {{ c.index }} | {{ c.name }} | {{ c.role }} | `{{ c.source }}` |
+{% endfor %}
+## Validation metrics
+
+| metric | value |
+| --- | --- |
+{% for label, value in metrics %}| {{ label }} | {{ value }} |
+{% endfor %}
+## Training
+
+Tasks: {{ tasks }}. Epochs {{ train.epochs }}, learning rate {{ train.lr }}, batch size {{ train.batch_size }},
+LoRA {{ "on" if train.lora and train.lora.enabled else "off" }}, soft targets {{ "on" if train.soft_targets else "off" }}.
+
+## Intended use
+
+Choosing the next writer, patch by patch, in `toolkit generate` with `switcher.path` set to this folder and a
+pool whose candidates match the table above, in the same order.
+
+## Limits
+
+- It only knows the candidates above; with other models or another order its choices are meaningless.
+- Labels come from sampled rollouts scored by task scorers, so they are noisy; validation accuracy measures
+  agreement with those labels, not answer quality.
+- Trained on the tasks listed; on other tasks it may still help, but check with `toolkit eval`.
+- It is a small classifier over model ids, not a chat model: do not use it to generate text.
+"""
+
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def model_card(meta: dict) -> str:
-    """The README.md of a released switcher: metrics table, candidates, intended use and limits."""
-    n, metrics, recipe = meta["n"], meta["metrics"], meta.get("recipe", {})
-    tasks = ", ".join(t["name"] for t in recipe.get("tasks", [])) or "(not recorded)"
-    train = recipe.get("train", {})
-    base = meta.get("base_model")
-    front = ["---", "library_name: " + ("peft" if meta["adapter"] else "transformers"), "tags: [switchkit, switcher]"]
-    if base and "/" in base and ":" not in base and not Path(base).exists():  # a hub id, as the Hub expects
-        front.append(f"base_model: {base}")
-    lines = front + ["---", "", "# switchkit switcher", "",
-                     f"A switcher LM for switch generation over a pool of {n} checkpoints: given a query and the "
-                     "response so far (prompt format `" + meta["prompt_format"] + "`), it picks which checkpoint writes "
-                     "the next patch, from the next-token logits of the model-id tokens `0`..`" + str(n - 1) + "`.", ""]
-    if meta["adapter"]:
-        lines += [f"This folder holds a LoRA adapter. Its base is the pool candidate `{base}`; switchkit shares that "
-                  "candidate's weights, so the pool stays at n models.", ""]
-    lines += ["## Candidates", "", "| id | name | role | source |", "| --- | --- | --- | --- |"]
-    lines += [f"| {c['index']} | {c['name']} | {c['role']} | `{c['source']}` |" for c in meta["candidates"]]
-    lines += ["", "## Validation metrics", "", "| metric | value |", "| --- | --- |"]
-    for key, label in METRIC_NAMES.items():
-        if key in metrics:
-            lines.append(f"| {label} | {_fmt(metrics[key])} |")
-    for i, value in enumerate(metrics.get("per_class_accuracy", [])):
-        lines.append(f"| accuracy on records labelled model {i} | {_fmt(value)} |")
-    lines += ["", "## Training", "",
-              f"Tasks: {tasks}. Epochs {train.get('epochs')}, learning rate {train.get('lr')}, batch size "
-              f"{train.get('batch_size')}, LoRA {'on' if train.get('lora', {}).get('enabled') else 'off'}, "
-              f"soft targets {'on' if train.get('soft_targets') else 'off'}.", "",
-              "## Intended use", "",
-              "Choosing the next writer, patch by patch, in `toolkit generate` with `switcher.path` set to this folder "
-              "and a pool whose candidates match the table above, in the same order.", "",
-              "## Limits", "",
-              "- It only knows the candidates above; with other models or another order its choices are meaningless.",
-              "- Labels come from sampled rollouts scored by task scorers, so they are noisy; validation accuracy "
-              "measures agreement with those labels, not answer quality.",
-              "- Trained on the tasks listed; on other tasks it may still help, but check with `toolkit eval`.",
-              "- It is a small classifier over model ids, not a chat model: do not use it to generate text.", ""]
-    return "\n".join(lines)
+def model_card(meta: SwitcherMeta) -> ModelCard:
+    """The model card of a released switcher: metrics table, candidates, intended use and limits."""
+    recipe, base = meta.recipe, meta.base_model
+    hub_base = base if base and "/" in base and ":" not in base and not Path(base).exists() else None
+    metrics = [(label, _fmt(meta.metrics[key])) for key, label in METRIC_NAMES.items() if key in meta.metrics]
+    metrics += [(f"accuracy on records labelled model {i}", _fmt(v))
+                for i, v in enumerate(meta.metrics.get("per_class_accuracy", []))]
+    data = ModelCardData(library_name="peft" if meta.adapter else "transformers", tags=["switchkit", "switcher"],
+                         base_model=hub_base)
+    return ModelCard.from_template(
+        data, template_str=CARD, n=meta.n, prompt_format=meta.prompt_format, adapter=meta.adapter,
+        base_model=base, candidates=meta.candidates, metrics=metrics, train=recipe.get("train", {}),
+        tasks=", ".join(t["name"] for t in recipe.get("tasks", [])) or "(not recorded)")
 
 
 def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None) -> None:
@@ -73,12 +94,13 @@ def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None) -> N
     if not src.is_dir():
         raise InputError(f"ckpt={ckpt}: folder not found")
     meta = read_meta(src)
-    weights = list(src.glob("*.safetensors"))
-    if not weights:
+    if meta is None:
+        raise InputError(f"ckpt={ckpt}: not an exported switcher ({META_FILE} is missing)")
+    if not list(src.glob("*.safetensors")):
         raise InputError(f"ckpt={ckpt}: no .safetensors weights in the folder")
     with atomic_path(out) as tmp:
         shutil.copytree(src, tmp)
-        (tmp / "README.md").write_text(model_card(meta))
+        model_card(meta).save(tmp / "README.md")
     print(f"release: {out} ({', '.join(sorted(p.name for p in Path(out).iterdir()))})")
     if push_to_hub:
         from huggingface_hub import HfApi
@@ -87,4 +109,3 @@ def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None) -> N
         api.create_repo(push_to_hub, exist_ok=True)
         api.upload_folder(folder_path=out, repo_id=push_to_hub, commit_message="switchkit switcher release")
         print(f"pushed to https://huggingface.co/{push_to_hub}")
-

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
 
-from switchkit.config import ConfigError, DistillConfig, TrainConfig
+import torch
+
+from switchkit.config import ConfigError, FitConfig
 
 
-def deepspeed_config(train: TrainConfig) -> dict:
+def deepspeed_config(train: FitConfig) -> dict:
     """The DeepSpeed config for ``train.strategy=deepspeed_stage_2|3``.
 
     Lightning fills in the micro-batch size, gradient accumulation and clipping from the Trainer.
@@ -22,11 +22,10 @@ def deepspeed_config(train: TrainConfig) -> dict:
     return {"zero_optimization": zero, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True}
 
 
-def check_strategy(train: TrainConfig | DistillConfig) -> None:
-    """Fail early, in one line, when the strategy cannot run on this machine."""
+def check_strategy(train: FitConfig, key: str) -> None:
+    """Fail early, in one line, when the strategy cannot run on this machine (``key`` names the recipe section)."""
     if not train.strategy.startswith("deepspeed"):
         return
-    key = "distill" if isinstance(train, DistillConfig) else "train"
     if not torch.cuda.is_available():
         raise ConfigError(
             f"{key}.strategy={train.strategy} needs CUDA GPUs, but none is available: "
@@ -39,9 +38,9 @@ def check_strategy(train: TrainConfig | DistillConfig) -> None:
         )
 
 
-def resolve_strategy(train: TrainConfig | DistillConfig):
+def resolve_strategy(train: FitConfig, key: str):
     """The Lightning strategy for a recipe: ``"auto"`` or a configured ``DeepSpeedStrategy``."""
-    check_strategy(train)
+    check_strategy(train, key)
     if train.strategy == "auto":
         return "auto"
     from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -50,7 +49,7 @@ def resolve_strategy(train: TrainConfig | DistillConfig):
     return DeepSpeedStrategy(config=deepspeed_config(train), exclude_frozen_parameters=train.lora.enabled)
 
 
-def world_size(train: TrainConfig | DistillConfig) -> int:
+def world_size(train: FitConfig) -> int:
     """How many processes train together (devices per node x nodes)."""
     devices = train.devices
     if devices == "auto" or devices == "-1":
@@ -62,12 +61,12 @@ def world_size(train: TrainConfig | DistillConfig) -> int:
     return max(per_node, 1) * train.num_nodes
 
 
-def accumulation_steps(train: TrainConfig | DistillConfig) -> int:
+def accumulation_steps(train: FitConfig) -> int:
     """Micro-batches per optimizer step so that one step sees ``train.batch_size`` records in total."""
     return max(train.batch_size // (train.micro_batch_size * world_size(train)), 1)
 
 
-def make_trainer(cfg: TrainConfig | DistillConfig, ckpt_dir: Path, progress: bool = True):
+def make_trainer(cfg: FitConfig, key: str, ckpt_dir: Path, progress: bool = True):
     """A Lightning Trainer for ``cfg`` (switcher or distillation): its strategy, precision and gradient
     accumulation, a ``last.ckpt`` checkpoint per epoch in ``ckpt_dir`` and CSV logs beside it."""
     import lightning as L
@@ -76,14 +75,14 @@ def make_trainer(cfg: TrainConfig | DistillConfig, ckpt_dir: Path, progress: boo
 
     return L.Trainer(
         max_epochs=cfg.epochs, accelerator="auto", devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=resolve_strategy(cfg), precision=cfg.precision, accumulate_grad_batches=accumulation_steps(cfg),
+        strategy=resolve_strategy(cfg, key), precision=cfg.precision, accumulate_grad_batches=accumulation_steps(cfg),
         gradient_clip_val=1.0, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
         logger=CSVLogger(ckpt_dir, name="logs"), enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=ckpt_dir,
     )
 
 
-def backbone_dtype(train: TrainConfig | DistillConfig) -> torch.dtype:
+def backbone_dtype(train: FitConfig) -> torch.dtype:
     """Weights in bf16 for ``bf16-true`` and DeepSpeed (it keeps fp32 master weights), else fp32."""
     if train.precision == "bf16-true" or train.strategy.startswith("deepspeed"):
         return torch.bfloat16

@@ -1,0 +1,113 @@
+"""The report as Markdown: the paper's tables (best in bold), significance, analyses and the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from . import analysis
+
+SEQUENCE_ROWS = 10  # rows per pattern length in the sequence tables
+
+
+def _pct(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _num(x: Optional[float], digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.{digits}f}"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def render_markdown(rep: dict, plots: list[str]) -> str:
+    """The report as Markdown: the paper's tables, best in bold, then the analyses and plots."""
+    cols, scores, labels = rep["columns"], rep["scores"], rep["labels"]
+    names = [m["name"] for m in rep["methods"]]
+    out = [f"# Evaluation report: {rep['recipe']}", ""]
+    out.append("Pool: " + ", ".join(f"[{c['index']}] {c['name']} ({c['role']}, `{l}`)" for c, l in zip(rep["pool"], labels)))
+    out += ["", "## Methods x tasks", "",
+            "Mean score x 100 (averaged over seeds); best per column in **bold**. `avg` is the mean over columns.", ""]
+    best_avg = max(rep["average"], key=rep["average"].get) if rep["average"] else None
+    body = []
+    for n in names:
+        cells = []
+        for c in cols:
+            v = scores[n].get(c)
+            text = _pct(v["mean"]) if v else "-"
+            cells.append(f"**{text}**" if v and rep["best"][c] == n else text)
+        avg = _pct(rep["average"].get(n))
+        body.append([n] + cells + [f"**{avg}**" if n == best_avg else avg])
+    out += _table(["method"] + cols + ["avg"], body)
+
+    out += ["", "## 95% bootstrap confidence intervals", "", "Mean [low, high] x 100 over examples.", ""]
+    out += _table(["method"] + cols, [[n] + [
+        f"{_pct(scores[n][c]['mean'])} [{_pct(scores[n][c]['ci95'][0])}, {_pct(scores[n][c]['ci95'][1])}]"
+        if c in scores[n] else "-" for c in cols] for n in names])
+
+    if rep["significance"]:
+        out += ["", "## Significance against the best baseline", "",
+                "One-tailed paired t-test (scipy `ttest_rel`, H1: method > best baseline); * p < 0.1, ** p < 0.05, *** p < 0.01. "
+                "Gain and its 95% bootstrap CI are x 100.", ""]
+        out += _table(["method", "task", "best baseline", "gain", "gain 95% CI", "t", "p", "sig."], [[
+            s["method"], s["column"], s["baseline"], _pct(s["diff"]),
+            f"[{_pct(s['diff_ci95'][0])}, {_pct(s['diff_ci95'][1])}]", _num(s["t"], 2),
+            "-" if s["p"] is None else f"{s['p']:.4f}", s["stars"]] for s in rep["significance"]])
+
+    if rep["new_skills"]:
+        out += ["", "## New skills", "",
+                "Share of examples (x 100) by how many single models were correct (score >= 0.5) and whether the "
+                "method was. `new`: all singles wrong, method correct; `lost`: some single correct, method wrong.", ""]
+        body = []
+        for n, per_col in rep["new_skills"].items():
+            for c, t in per_col.items():
+                sh = t["shares"]
+                body.append([n, c] + [f"{_pct(sh[r]['correct'], 1)} / {_pct(sh[r]['wrong'], 1)}"
+                                      for r in ("all_correct", "some_correct", "all_wrong")]
+                            + [_pct(t["new"], 1), _pct(t["lost"], 1), _pct(t["net"], 1)])
+        out += _table(["method", "task", "all correct (right / wrong)", "some correct (right / wrong)",
+                       "all wrong (right / wrong)", "new", "lost", "net"], body)
+
+    if rep["p_metrics"]:
+        out += ["", "## P-performance and P-helpfulness", "",
+                "With B = the best single non-pretrained model: P-performance = (P - B) / B, "
+                "P-helpfulness = (C - B) / B, where C is the method.", ""]
+        out += _table(["method", "task", "P-performance", "P-helpfulness"], [
+            [n, c, _num(v["p_performance"]), _num(v["p_helpfulness"])]
+            for n, per_col in rep["p_metrics"].items() for c, v in per_col.items()])
+
+    if rep["switching"]:
+        out += ["", "## Switching frequency", "",
+                "Switches (writer changes) per response and per patch boundary, share of responses with a switch.", ""]
+        out += _table(["method", "task", "patches / response", "switches / response", "switches / boundary",
+                       "responses with a switch"], [
+            [n, c, f"{v['patches_per_response']:.2f}", f"{v['switches_per_response']:.2f}",
+             _pct(v["switches_per_boundary"], 1), _pct(v["responses_with_switch"], 1)]
+            for n, per_col in rep["switching"].items() for c, v in per_col.items()])
+
+        out += ["", "## Model use by position", "",
+                "Share (x 100) of the patches in the begin / middle / end third of responses written by each model "
+                "(all tasks).", ""]
+        out += _table(["method", "model", "begin", "middle", "end", "overall"], [
+            [n, f"{c['name']} ({labels[i]})"] + [_pct(pos[p][i], 1) for p in analysis.POSITIONS]
+            + [_pct(rep["model_share"][n][i], 1)]
+            for n, pos in rep["positions"].items() for i, c in enumerate(rep["pool"])])
+
+        out += ["", "## Switching sequences", "",
+                "Frequency: share of responses whose switching sequence contains the pattern. Treatment effect: "
+                "mean score with the pattern minus without (x 100). All tasks pooled; most frequent first.", ""]
+        body = []
+        for n, by_len in rep["sequences"].items():
+            for length, seq_rows in by_len.items():
+                body += [[n, length, r["label"], _pct(r["frequency"], 1), _pct(r["effect"])]
+                         for r in seq_rows[:SEQUENCE_ROWS]]
+        out += _table(["method", "length", "sequence", "frequency", "treatment effect"], body)
+
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(out) + "\n"

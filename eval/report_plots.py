@@ -1,0 +1,120 @@
+"""The report's PNG plots, drawn from the numbers :func:`switchkit.eval.report.build_report` computed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from switchkit.io import atomic_path
+
+from . import analysis
+from .report_markdown import SEQUENCE_ROWS
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_gain(rep: dict, path: Path) -> bool:
+    """Bars: each non-single method's score minus the best single model's, per task."""
+    import matplotlib.pyplot as plt
+
+    gain = {n: g for n, g in rep["gain"].items() if g}
+    if not gain:
+        return False
+    cols = rep["columns"]
+    width = min(0.8 / len(gain), 0.35)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cols) + 2), 3.6))
+    for k, (n, g) in enumerate(gain.items()):
+        xs = [i + (k - (len(gain) - 1) / 2) * width for i in range(len(cols))]
+        ax.bar(xs, [100 * g.get(c, 0.0) for c in cols], width, label=n)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylabel("gain over best single model (points)")
+    ax.set_title("Gain per task")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_positions(rep: dict, path: Path) -> bool:
+    """Bars per model: share of begin / middle / end patches it wrote, one panel per collaborative method."""
+    import matplotlib.pyplot as plt
+
+    if not rep["positions"]:
+        return False
+    names = list(rep["positions"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False, sharey=True)
+    ticks = [f"{c['name']}\n({c['role']})" for c in rep["pool"]]
+    for ax, n in zip(axes[0], names):
+        for k, p in enumerate(analysis.POSITIONS):
+            xs = [i + (k - 1) * 0.27 for i in range(len(ticks))]
+            ax.bar(xs, [100 * v for v in rep["positions"][n][p]], 0.27, label=p)
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+        ax.set_title(n)
+        ax.set_ylim(0, 118)  # headroom for the legend
+        ax.set_yticks(range(0, 101, 20))
+        ax.legend(fontsize=8, ncol=3, loc="upper center")
+    axes[0][0].set_ylabel("share of patches (%)")
+    fig.suptitle("Model use by position")
+    _save(fig, path)
+    return True
+
+
+def plot_sequences(rep: dict, path: Path) -> bool:
+    """Scatter of frequency against treatment effect of 2- and 3-length switching sequences."""
+    import matplotlib.pyplot as plt
+
+    if not any(r["effect"] is not None for by_len in rep["sequences"].values() for rs in by_len.values() for r in rs):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, length in zip(axes, ("2", "3")):
+        for n, by_len in rep["sequences"].items():
+            pts = [r for r in by_len[length] if r["effect"] is not None]
+            ax.scatter([r["frequency"] for r in pts], [100 * r["effect"] for r in pts], label=n, s=22)
+            at: dict = defaultdict(list)  # patterns at the same point share one label
+            for r in pts[:SEQUENCE_ROWS]:
+                at[(round(r["frequency"], 4), round(100 * r["effect"], 4))].append(r["label"])
+            for xy, names in at.items():
+                ax.annotate(", ".join(names), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("frequency (share of responses)")
+        ax.set_ylabel("treatment effect (points)")
+        ax.set_title(f"{length}-length sequences")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_p_metrics(rep: dict, path: Path) -> bool:
+    """Scatter of P-performance against P-helpfulness, one point per task and method."""
+    import matplotlib.pyplot as plt
+
+    pts = [(n, c, v) for n, per_col in rep["p_metrics"].items() for c, v in per_col.items()
+           if v["p_performance"] is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for n in dict.fromkeys(p[0] for p in pts):
+        mine = [p for p in pts if p[0] == n]
+        ax.scatter([v["p_performance"] for _, _, v in mine], [v["p_helpfulness"] for _, _, v in mine], label=n)
+        for _, c, v in mine:
+            ax.annotate(c, (v["p_performance"], v["p_helpfulness"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("P-performance")
+    ax.set_ylabel("P-helpfulness")
+    ax.set_title("Pretrained model: alone vs in collaboration")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+PLOTS = {"gain_per_task.png": plot_gain, "position_usage.png": plot_positions,
+         "sequences.png": plot_sequences, "p_metrics.png": plot_p_metrics}
