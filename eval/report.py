@@ -25,6 +25,8 @@ from . import analysis
 from .report_markdown import render_markdown
 from .report_plots import PLOTS
 
+EXAMPLES = 4  # predictions shown per task, to see why responses scored as they did
+
 
 def find_eval_dir(run_dir: str | Path) -> Path:
     """The eval folder: ``DIR`` itself when it holds ``results.json``, else ``DIR/eval``."""
@@ -65,6 +67,17 @@ def model_labels(pool: list[dict]) -> list[str]:
 
 def _relabel(pattern: str, labels: list[str]) -> str:
     return ">".join(labels[int(m)] for m in pattern.split(">"))
+
+
+def scoring_examples(rows: list[dict], count: int = EXAMPLES) -> list[dict]:
+    """A few predictions of one column, half scored right and half wrong where possible, to show how
+    responses were judged (first seed only)."""
+    seed = min((r.get("seed", 0) for r in rows), default=0)
+    rows = [r for r in rows if r.get("seed", 0) == seed]
+    right = [r for r in rows if r["score"] >= 0.5][: count // 2]
+    wrong = [r for r in rows if r["score"] < 0.5][: count - len(right)]
+    picked = (right + wrong + [r for r in rows if r not in right and r not in wrong])[:count]
+    return [{k: r.get(k) for k in ("id", "input", "output", "gold", "extracted", "score")} for r in picked]
 
 
 def build_report(eval_dir: Path) -> dict:
@@ -149,8 +162,12 @@ def build_report(eval_dir: Path) -> dict:
         positions[n] = analysis.position_usage(recs, n_models)
         share[n] = analysis.model_share(recs, n_models)
 
+    shown = tested[0] if tested else runnable[0]
+    examples = {c: scoring_examples(rows.get((shown, c), [])) for c in columns}
+
     return {
-        "recipe": summary.get("recipe"), "pool": pool, "labels": labels, "columns": columns,
+        "recipe": summary.get("recipe"), "pool": pool, "labels": labels, "columns": columns, "examples": examples,
+        "examples_method": shown,
         "methods": methods, "tested": tested, "singles": singles, "ceilings": ceilings,
         "scores": dict(scores), "average": average, "best": best, "significance": significance, "gain": gain,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,

@@ -20,6 +20,12 @@ def _num(x: Optional[float], digits: int = 3) -> str:
     return f"{x:+.{digits}f}"
 
 
+def _cell(value, width: int = 80) -> str:
+    """A value as one Markdown table cell: one line, pipes escaped, long text cut."""
+    text = "-" if value is None else " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
@@ -107,6 +113,13 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
                 body += [[n, length, r["label"], _pct(r["frequency"], 1), _pct(r["effect"])]
                          for r in seq_rows[:SEQUENCE_ROWS]]
         out += _table(["method", "length", "sequence", "frequency", "treatment effect"], body)
+
+    if any(rep["examples"].values()):
+        out += ["", f"## How responses were scored ({rep['examples_method']})", "",
+                "A few predictions per task: what the scorer extracted from the response and the score it gave.", ""]
+        out += _table(["task", "input", "output", "gold", "extracted", "score"], [
+            [c, _cell(r["input"]), _cell(r["output"]), _cell(r["gold"]), _cell(r["extracted"]), f"{r['score']:.2f}"]
+            for c, rows in rep["examples"].items() for r in rows])
 
     if plots:
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]

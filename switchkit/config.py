@@ -9,6 +9,7 @@ fails with a :class:`ConfigError` that names the key. Range checks that types ca
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model")
+TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge")
 MAX_MODELS = 10  # a switcher reads its decision from the single-digit tokens "0".."9"
 
 
@@ -93,17 +94,61 @@ class SwitcherConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The LM judge of a ``type: judge`` task. ``model`` takes the sources of a pool candidate; ``rubric`` is a
+    prompt with ``{response}`` (and optionally ``{query}``, ``{reference}``) that ends where the rating goes;
+    ``ratings`` are the rating tokens, worst first."""
+
+    model: Optional[str] = None
+    rubric: Optional[str] = None
+    ratings: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])
+    batch_size: int = 8
+    max_length: int = 2048
+
+
+RUBRIC_FIELDS = ("query", "response", "reference")
+
+
+def rubric_fields(rubric: str) -> set[str]:
+    """The ``{placeholders}`` of a judge rubric (``{{`` and ``}}`` are literal braces)."""
+    return {name for _, name, _, _ in string.Formatter().parse(rubric) if name is not None}
+
+
+def judge_problem(judge: JudgeConfig) -> Optional[str]:
+    """What is wrong with a judge config, as ``judge.KEY ...`` for a one-line error, or None."""
+    if not judge.model:
+        return "judge.model is missing: give a hub id, HF dir, .gguf file or demo:NAME (the sources of a pool candidate)"
+    if not judge.rubric or not judge.rubric.strip():
+        return "judge.rubric is missing: give a rating prompt with {response} (and {query}) that ends where the rating goes"
+    try:
+        names = rubric_fields(judge.rubric)
+    except ValueError as exc:
+        return f"judge.rubric is not a valid template ({exc}): write literal braces as {{{{ and }}}}"
+    if "response" not in names or not names <= set(RUBRIC_FIELDS):
+        return (f"judge.rubric has the placeholders {sorted(names)}: allowed are {{query}}, {{response}} (required) "
+                "and {reference}")
+    if len(judge.ratings) < 2 or len(set(judge.ratings)) != len(judge.ratings) or not all(judge.ratings):
+        return f"judge.ratings={list(judge.ratings)} is not allowed: give at least 2 distinct ratings, worst first"
+    if judge.batch_size < 1:
+        return f"judge.batch_size={judge.batch_size} is out of range: allowed is an integer > 0"
+    if judge.max_length < 16:
+        return f"judge.max_length={judge.max_length} is out of range: allowed is an integer >= 16"
+    return None
+
+
+@dataclass
 class TaskConfig:
     """A task: ``source`` is a hub dataset id, a local JSON/JSONL/Parquet file, or ``builtin:NAME``."""
 
     name: str = "???"
-    type: Literal["exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model"] = "exact_match"
+    type: Literal["exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge"] = "exact_match"
     source: str = "???"
     split: str = "dev"
     fields: dict[str, str] = field(default_factory=dict)
     limit: Optional[int] = None
     reward_model: Optional[str] = None
     hub_config: Optional[str] = None
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -277,6 +322,11 @@ def validate(recipe: Recipe) -> Recipe:
         for attr in ("name", "source"):
             if getattr(task, attr) in ("", "???"):
                 raise ConfigError(f"tasks.{i}.{attr} is missing")
+    for key, tasks in (("tasks", recipe.tasks), ("eval.tasks", recipe.eval.tasks)):
+        for i, task in enumerate(tasks):
+            problem = judge_problem(task.judge) if task.type == "judge" else None
+            if problem:
+                raise ConfigError(f"{key}.{i}.{problem}")
     _check_registered(recipe)
     return recipe
 

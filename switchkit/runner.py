@@ -26,7 +26,7 @@ from .config import ConfigError, Recipe, to_dict
 from .io import InputError, read_jsonl, write_json_atomic, write_jsonl_atomic
 from .tasks import Task
 
-RUNNER_VERSION = 2  # bump when the rows a runner writes change for the same inputs
+RUNNER_VERSION = 3  # bump when the rows a runner writes change for the same inputs
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,15 @@ def task_items(task: Task) -> list[Item]:
 
 
 def scored(task: Task, generate: Generate) -> Generate:
-    """``generate`` plus each row's ``gold`` and ``score`` by the task's scorer (batched)."""
+    """``generate`` plus each row's ``gold``, ``score`` and what the scorer ``extracted`` (batched)."""
     by_id = {e.id: e for e in task.examples}
 
     def run(items: list[Item], seeds: list[int]) -> list[dict]:
         records = generate(items, seeds)
         examples = [by_id[it.id] for it in items]
-        scores = task.score(examples, [r["output"] for r in records])
-        return [{**r, "gold": e.gold, "score": s} for r, e, s in zip(records, examples, scores)]
+        judged = task.judge(examples, [r["output"] for r in records])
+        return [{**r, "gold": e.gold, "score": j.score, "extracted": j.extracted}
+                for r, e, j in zip(records, examples, judged)]
 
     return run
 

@@ -1,26 +1,54 @@
-"""Scorers: map (example, response) pairs to scores in [0, 1], one scorer per task type.
+"""Scorers: read the answer a response commits to and score it against the gold, one scorer per task type.
 
-Every scorer is batched: ``scorer(examples, responses) -> list[float]``. The rule-based ones are pure
-functions of the text; the reward-model scorer loads any ``AutoModelForSequenceClassification``.
-Get one by task type with :func:`get_scorer`.
+Every scorer is batched: ``scorer(examples, responses) -> list[Scored]``, a score in [0, 1] next to what
+the scorer read from the response (``extracted``: the letter, the number or the span; None when it read
+nothing). Get one by task type with :func:`get_scorer`.
+
+- ``exact_match``: a numeric or LaTeX gold is compared by value with HF's math-verify
+  (:func:`final_number`); a letter gold (BBH) by the option the response commits to
+  (:func:`committed_option`, options read from the query); any other gold by SQuAD-normalised equality
+  with the stated answer, which may be followed by a justification ("True. Because ...").
+- ``multiple_choice``: the option the response commits to (:func:`committed_option`).
+- ``f1_match``: 1 if an accepted answer occurs in the response, else SQuAD token F1 (torchmetrics).
+- ``noncompliance``: 1 if the response refuses, asks back, or corrects a false premise.
+- ``reward_model``: any sequence-classification reward model; ``judge``: the rating-token logits of any
+  causal LM (:class:`JudgeScorer`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import string
+import threading
 import unicodedata
-from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from .config import CandidateConfig, JudgeConfig, PoolConfig, judge_problem, rubric_fields
 from .io import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Example
 
-# ---------------------------------------------------------------- normalisation
+
+@dataclass(frozen=True)
+class Scored:
+    """A score in [0, 1] and what the scorer read from the response (letter, number, span), or None."""
+
+    score: float
+    extracted: Optional[str] = None
+
+
+# ---------------------------------------------------------------- reading a response
+
+_TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2212": "-",
+                             "\u2013": "-", "\u2014": " - ", "\u00a0": " "})
+
+
+def clean_response(text: str) -> str:
+    """The response without what hides an answer: bold/underline markers, code ticks, curly quotes, unicode dashes."""
+    return re.sub(r"\*\*|__|`", "", str(text).translate(_TYPOGRAPHY))
 
 
 def strip_accents(text: str) -> str:
@@ -28,45 +56,11 @@ def strip_accents(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation (torchmetrics): lower case, no punctuation or articles, single spaces; accents removed."""
+    from torchmetrics.functional.text.squad import _normalize_text  # the normalisation of torchmetrics' squad()
 
-
-def normalize_text(text: str, articles: bool = False) -> str:
-    """SQuAD-style normalisation: lower case, no accents or punctuation, single spaces; articles dropped
-    unless ``articles`` is True."""
-    text = strip_accents(str(text)).lower()
-    text = "".join(" " if c in _PUNCT else c for c in text)
-    return " ".join((text if articles else _ARTICLES.sub(" ", text)).split())
-
-
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def parse_number(text: str) -> Optional[float]:
-    """The number a short string denotes (``"$1,234.50"`` -> 1234.5), or None."""
-    cleaned = str(text).strip().replace(",", "").replace("$", "").rstrip(".").strip()
-    cleaned = cleaned.rstrip("%")
-    try:
-        value = float(cleaned)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def first_number(text: str) -> Optional[str]:
-    """The first number written in ``text``, as written (without ``$``)."""
-    found = _NUMBER.search(text)
-    return found.group(0).replace("$", "") if found else None
-
-
-def last_number(text: str) -> Optional[str]:
-    """The last number written in ``text`` (commas and a leading ``$`` allowed), as written."""
-    found = _NUMBER.findall(text)
-    return found[-1].replace("$", "") if found else None
-
-
-# ---------------------------------------------------------------- answer extraction
+    return _normalize_text(strip_accents(str(text).translate(_TYPOGRAPHY)))
 
 
 def boxed(text: str) -> Optional[str]:
@@ -86,90 +80,226 @@ def boxed(text: str) -> Optional[str]:
 
 
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|answer\s*:)\s*:?\s*([^\n]+)", re.I)
+_ANSWER_PHRASE = re.compile(r"\b(?:final\s+)?answer\b(?:\s+(?:is|would\s+be|will\s+be|should\s+be)\b|\s*[:=])\s*:?\s*", re.I)
+_SENTENCE_END = re.compile(r"\.(?!\d)|[;!?\n]")
 
 
-def _clause(text: str) -> str:
-    """The answer phrase: up to the end of its sentence (a period not inside a number)."""
+def first_clause(text: str) -> str:
+    """``text`` up to the end of its first sentence (a period inside a number does not end it)."""
+    match = _SENTENCE_END.search(text)
+    return (text[: match.start()] if match else text).strip()
+
+
+def stated_answer(response: str) -> Optional[str]:
+    """The answer a response states: the last ``\\boxed{}``, else the last ``#### x``, else the clause after
+    the last "the answer is" / "Answer:"; None if it states none. ``response`` is cleaned already."""
+    found = boxed(response)
+    if found is not None:
+        return found
+    hashes = _HASHES.findall(response)
+    if hashes:
+        return hashes[-1].strip()
+    phrases = list(_ANSWER_PHRASE.finditer(response))
+    return first_clause(response[phrases[-1].end():]) if phrases else None
+
+
+# ---------------------------------------------------------------- numbers (math-verify)
+
+_NUMBER = (r"(?<![\w.])-?\d+\s+\d+/\d+(?![\d/])"  # a mixed number: 2 1/2
+           r"|(?<![\w.])-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?%?"
+           r"|-?\\[dt]?frac\{[^{}]+\}\{[^{}]+\}")
+_NUMBER_RE = re.compile(_NUMBER)
+_ROUNDED = re.compile(rf"({_NUMBER})\s*(?:\u2248|\\approx)\s*(?:{_NUMBER})")  # "1/6 ≈ 0.167": the exact value counts
+_NUMBER_HEDGE = re.compile(rf"({_NUMBER})(?:\s+[A-Za-z]+)?\s*,?\s+or\s+(?:maybe\s+|perhaps\s+|possibly\s+)?({_NUMBER})")
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _math_timeout() -> Optional[int]:
+    """math-verify's timeouts use SIGALRM, which works only in the main thread."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def math_value(text: str) -> list:
+    """math-verify's parse of an answer: a ``\\boxed{}`` or ``$...$`` LaTeX answer, or a plain number/expression."""
+    from math_verify import parse
+
     text = text.strip()
-    match = re.search(r"\.(?!\d)|[;!?]", text)
-    return (text[: match.start()] if match else text).strip().strip("*").strip()
+    mixed = re.fullmatch(r"(-?)(\d+)\s+(\d+/\d+)", text)
+    if mixed:
+        text = f"{mixed[1]}({mixed[2]}+{mixed[3]})"
+    elif "\\" in text and not text.startswith(("\\boxed", "$")):
+        text = f"${text}$"
+    return parse(text, parsing_timeout=_math_timeout())
 
 
-def extract_answer(response: str, numeric: bool = False) -> str:
-    """The final answer of a free-form response.
+def math_equal(answer: str, gold: str) -> bool:
+    """Whether two answers are equal by value (math-verify: 3/4 = 0.75 = \\frac{3}{4}, 3.50 = 3.5, 25% = 25)."""
+    from math_verify import verify
 
-    Tried in order: the last ``\\boxed{}``, ``#### x``, the last "The answer is x" / "Answer: x";
-    for a numeric gold, the last number of the response; otherwise the response's first line.
-    """
-    text = str(response)
-    found = boxed(text)
-    if found is None:
-        hashes = _HASHES.findall(text)
-        found = hashes[-1].strip() if hashes else None
-    if found is None:
-        stated = _ANSWER_IS.findall(text)
-        found = _clause(stated[-1]) if stated else None
-    if numeric:
-        number = first_number(found) if found is not None else None
-        return number if number is not None else (last_number(text) or (found or ""))
-    if found is None:
-        lines = text.strip().splitlines()
-        found = lines[0] if lines else ""
-    return found.strip()
+    parsed, expected = math_value(answer), math_value(gold)
+    return bool(parsed and expected) and verify(expected, parsed, timeout_seconds=_math_timeout())
 
 
-def _normalize_exact(text: str) -> str:
-    return normalize_text(re.sub(r"\\text\{([^}]*)\}", r"\1", str(text)), articles=True)
+def is_math_gold(gold: str) -> bool:
+    """A gold compared by value: it has a digit and no words outside LaTeX commands (``150``, ``\\frac{1}{2}``)."""
+    bare = re.sub(r"\\[A-Za-z]+", "", str(gold))
+    return any(c.isdigit() for c in bare) and not re.search(r"[A-Za-z]", bare)
 
 
-def exact_match(response: str, gold: Any) -> float:
-    """1.0 if the extracted answer equals the gold after normalisation (numerically for numeric golds)."""
-    gold_number = parse_number(gold) if not isinstance(gold, (list, tuple)) else None
-    golds = list(gold) if isinstance(gold, (list, tuple)) else [gold]
-    if gold_number is not None:
-        value = parse_number(extract_answer(response, numeric=True))
-        return float(value is not None and math.isclose(value, gold_number, rel_tol=1e-6, abs_tol=1e-9))
-    answer = _normalize_exact(extract_answer(response))
-    return float(bool(answer) and any(answer == _normalize_exact(g) for g in golds))
-
-
-# ---------------------------------------------------------------- multiple choice
-
-_ANSWER_LETTER = re.compile(r"(?i:answer\s*(?:is|:)\s*:?\s*(?:option\s*|choice\s*)?)\(?([A-Z])\b\)?")
-_LETTER_PATTERNS = [
-    re.compile(r"\(([A-Z])\)"),  # "(B)"
-    re.compile(r"(?:^|\s)([A-Z])[).:](?:\s|$)", re.M),  # "B)" "B." "B:"
-    re.compile(r"^\s*([A-Z])\s*$"),  # just "B"
-]
-
-
-def extract_letter(response: str, letters: str = string.ascii_uppercase) -> Optional[str]:
-    """The choice letter a response commits to, or None.
-
-    Robust to "The answer is B", "Answer: (B)", "(B)", "B)", "B." and a bare "B". The last explicit
-    "answer is / Answer:" statement wins; otherwise the first parenthesised or punctuated letter.
-    """
-    text = str(response).strip()
-    stated = [m.group(1) for m in _ANSWER_LETTER.finditer(text) if m.group(1) in letters]
-    if stated:
-        return stated[-1]
-    for pattern in _LETTER_PATTERNS:
-        for match in pattern.finditer(text):
-            if match.group(1) in letters:
-                return match.group(1)
+def _number_hedge(region: str) -> Optional[str]:
+    """"16 or 18" when ``region`` offers two different numbers as the answer, else None."""
+    for match in _NUMBER_HEDGE.finditer(region):
+        first, second = match.group(1), match.group(2)
+        if not math_equal(first, second):
+            return f"{first} or {second}"
     return None
 
 
-def multiple_choice(response: str, gold: str, letters: str = string.ascii_uppercase) -> float:
-    """1.0 if the committed letter equals the gold letter."""
-    return float(extract_letter(response, letters) == str(gold).strip().strip("()").upper())
+def final_number(response: str) -> Optional[str]:
+    """The final numeric answer as written, "16 or 18" for a hedge between numbers, or None.
+
+    In order: the last ``\\boxed{}`` (its whole content), ``#### n``, the first number after the last
+    "The answer is" / "Answer:", then the last number of the response. Mixed numbers (2 1/2) are one
+    number, and in "1/6 ≈ 0.167" the exact value counts. ``response`` is cleaned already.
+    """
+    response = _ROUNDED.sub(r"\1", response)
+    stated = stated_answer(response)
+    if stated is not None:
+        if boxed(response) is not None:
+            return _number_hedge(stated) or stated
+        numbers = _NUMBER_RE.findall(stated)
+        if numbers:
+            return _number_hedge(stated) or numbers[0]
+    sentences = [s for s in _SENTENCES.split(response) if _NUMBER_RE.search(s)]
+    if not sentences:
+        return None
+    return _number_hedge(sentences[-1]) or _NUMBER_RE.findall(sentences[-1])[-1]
 
 
-# ---------------------------------------------------------------- f1
+# ---------------------------------------------------------------- options (multiple choice, BBH letters)
+
+_OPTION_LEAD = re.compile(r"\s*(?:(?:actually|definitely|clearly|probably|likely|most\s+likely|certainly|indeed|"
+                          r"either|possibly|perhaps|maybe)\s+)*(?:(?:option|choice|letter)\s+)?", re.I)
+_LETTER = re.compile(r"\(([A-Za-z])\)|([A-Za-z])(?:(?=[).:,;!?]|$)|(?=\s))")
+_HEDGE_JOIN = re.compile(r"\s*,?\s*(?:or|and/or|/)\s+|\s*/\s*", re.I)
+_RULED_OUT = re.compile(r"\s*(?:(?:is|are|was|would\s+be|seems|looks)\s+)?(?:wrong|incorrect|false\b|eliminated|ruled\s+out)"
+                        r"|\s*(?:is|are|was)\s*(?:not\b|n't)|\s*isn't", re.I)
+_TEXT_RULED_OUT = re.compile(r"\s*(?:is|are|was)?\s*(?:not|isnt|wrong|incorrect|false)\b")
+_NEGATED = re.compile(r"\s*(?:not\b|n't)", re.I)
+# phrases after which the next option reference is a commitment
+_COMMIT = re.compile(
+    r"\b(?:final\s+answer|answer|(?:correct|right|best|final)\s+(?:choice|option|one))\b"
+    r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)\b|\s*[:=])\s*:?"
+    r"|\bI(?:'d|\s+would|'ll|\s+will)?\s+(?:go\s+with|choose|pick|select)\b", re.I)
+# "So D." / "Therefore, (B)." / "It must be D.": a letter that ends the sentence
+_SO_LETTER = re.compile(r"\b(?i:so|therefore|thus|hence|it's|it\s+is|it\s+must\s+be|must\s+be)\s*,?\s*"
+                        r"(?i:(?:option|choice)\s+)?(?:\(([A-Za-z])\)|([A-Z]))(?=\s*(?:[.!]|$))", re.M)
+# "B is correct" / "(B) is the right answer"
+_LETTER_IS_RIGHT = re.compile(r"(?<!\bnor\s)(?<!\bnot\s)(?<!\bneither\s)(?:\(([A-Za-z])\)|\b([A-Z]))\s+is\s+(?:the\s+)?"
+                              r"(?:correct|right|best)\b")
+_NONE_OF = "none of"
+# words after which a bare letter is still a letter ("A or B", "B because ..."), not "a bit" / "I think"
+_NOT_A_WORD_AFTER = {False: {"or", "and", "because", "since", "as", "is"}, True: {"or", "because", "since"}}
 
 
-def accepted_answers(gold: Any) -> list[str]:
+def options_in_query(query: str) -> dict[str, str]:
+    """BBH-style options written in a query, ``(A) text`` per line, as ``{letter: text}``."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s*\(([A-Z])\)\s*(.+)$", query, re.M)}
+
+
+def _letter_at(text: str, pos: int, options: dict[str, str], leading: bool = False) -> tuple[Optional[str], int]:
+    """The option letter written at ``pos`` and where it ends; a bare "a"/"I" starting a word group is English."""
+    match = _LETTER.match(text, pos)
+    if not match:
+        return None, pos
+    letter, bare = (match.group(1) or match.group(2)), match.group(2) is not None
+    after = text[match.end():]
+    word = re.match(r"[ \t]+([A-Za-z]+)", after)
+    if bare and word and (leading or letter.lower() in "ai") and word.group(1).lower() not in _NOT_A_WORD_AFTER[leading]:
+        return None, pos
+    if letter.upper() not in options:
+        return None, pos
+    end = match.end() + (1 if bare and after[:1] in ").:" else 0)
+    return letter.upper(), end
+
+
+def _loose(text: str) -> str:
+    """Lower case, no accents, single spaces, no final period: keeps the signs and decimals SQuAD drops (1.8 vs 18)."""
+    return " ".join(strip_accents(text).lower().split()).rstrip(" .")
+
+
+def _said(line: str, option: str, normalize: Callable[[str], str]) -> Optional[str]:
+    """What follows ``option`` when ``line`` starts with it (both normalised), else None."""
+    said, norm = normalize(line), normalize(option)
+    if norm.startswith(_NONE_OF) and said.startswith(_NONE_OF):  # "none of the options is right"
+        norm = _NONE_OF
+    if norm and said.startswith(norm) and (len(said) == len(norm) or not said[len(norm)].isalnum()):
+        return said[len(norm):]
+    return None
+
+
+def _text_at(text: str, pos: int, options: dict[str, str], normalize: Callable[[str], str]) -> Optional[str]:
+    """The option whose text is written at ``pos`` (the longest such), unless ruled out right after;
+    "X or Y" for two option texts joined by "or"."""
+    found = {letter: rest for letter, option in options.items()
+             if (rest := _said(text[pos:], option, normalize)) is not None
+             and not _TEXT_RULED_OUT.match(normalize_answer(rest))}
+    if not found:
+        return None
+    letter = max(found, key=lambda k: len(normalize(options[k])))
+    hedge = re.match(r"\W*or\s+(.*)", found[letter], re.S)
+    other = next((k for k in options if k != letter and hedge and _said(hedge.group(1), options[k], normalize) is not None),
+                 None)
+    return f"{letter} or {other}" if other else letter
+
+
+def _reference_at(text: str, pos: int, options: dict[str, str], leading: bool = False) -> Optional[str]:
+    """The option committed to at ``pos``, "A or B" for a hedge, None after "not". Tried in order: an option's text
+    as written ("A = NaHSO3"), a letter, an option's text SQuAD-normalised (so "D" is the letter D even when
+    option C reads "d")."""
+    lead = _OPTION_LEAD.match(text, pos).end()
+    worded = {k: v for k, v in options.items() if not re.fullmatch(r"\W*[A-Za-z]\W*", v)}  # "d" reads as a letter
+    option = _text_at(text, pos, worded, _loose) or _text_at(text, lead, worded, _loose)
+    if option or _NEGATED.match(text, pos):
+        return option
+    letter, end = _letter_at(text, lead, options, leading)
+    if letter is None:
+        return _text_at(text, lead, options, normalize_answer)
+    if _RULED_OUT.match(text, end):
+        return None
+    join = _HEDGE_JOIN.match(text, end)
+    if join:
+        other, _ = _letter_at(text, _OPTION_LEAD.match(text, join.end()).end(), options)
+        if other and other != letter:
+            return f"{letter} or {other}"
+    return letter
+
+
+def committed_option(response: str, options: dict[str, str]) -> Optional[str]:
+    """The option letter a response commits to, "A or B" for a hedge, or None.
+
+    Rule: the last explicit commitment wins: "the answer is (B)", "Answer: b", "the correct choice is B",
+    "I'd go with B", "So D.", "It must be D.", "B is correct"; what follows "answer is" may be a letter
+    in any case and wrapper (``(b)``, ``B)``, ``B.``, ``**B**``) or an option written out as its text
+    ("None of the above" counts when it is an option). "The answer is not A" commits to nothing. Without
+    such a phrase, the response must open with an option: only a letter or an option's text, or one
+    followed by a justification ("B) Mitochondrion. It makes ATP ..."). Options named while being ruled
+    out ("not (A)", "A is wrong") never count, and "A or B" is a hedge, which matches no gold.
+    """
+    text = clean_response(response)
+    found = [(m.start(), _reference_at(text, m.end(), options)) for m in _COMMIT.finditer(text)]
+    found += [(m.start(), (m.group(1) or m.group(2)).upper()) for pattern in (_SO_LETTER, _LETTER_IS_RIGHT)
+              for m in pattern.finditer(text)]
+    committed = [option for _, option in sorted(found, key=lambda f: f[0]) if option and option[0] in options]
+    if committed:
+        return committed[-1]
+    return _reference_at(text, 0, options, leading=True)
+
+
+# ---------------------------------------------------------------- scorers per answer kind
+
+
+def accepted_answers(gold) -> list[str]:
     """The list of accepted answers: a list, a JSON-encoded list (PopQA) or a single string."""
     if isinstance(gold, (list, tuple)):
         return [str(g) for g in gold]
@@ -184,66 +314,133 @@ def accepted_answers(gold: Any) -> list[str]:
     return [text]
 
 
-def token_f1(prediction: str, answer: str) -> float:
-    """SQuAD token F1 between two strings after :func:`normalize_text`."""
-    pred, ans = normalize_text(prediction).split(), normalize_text(answer).split()
-    if not pred or not ans:
-        return float(pred == ans)
-    common = sum((Counter(pred) & Counter(ans)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ans)
-    return 2 * precision * recall / (precision + recall)
+def _label_match(candidate: str, gold: str) -> Optional[str]:
+    """The gold as stated at the start of ``candidate``, then the end or a justification ("True. Because ...")."""
+    norm_gold = normalize_answer(gold)  # empty for a gold of brackets only (BBH dyck): compare those as written
+    if normalize_answer(candidate) == norm_gold if norm_gold else " ".join(candidate.split()) == " ".join(gold.split()):
+        return candidate.strip()
+    words = r"\s+".join(re.escape(w) for w in gold.strip().strip("()").split())
+    match = re.match(rf"\W*?\(?({words})\)?(?=\s*(?:[.,;:!-]|$)|\s+(?:because|since|as)\b)", candidate, re.I)
+    return match.group(1) if match else None
 
 
-def contains_answer(response: str, answer: str) -> bool:
-    """Whether the normalised answer occurs as whole tokens in the normalised response."""
-    ans = normalize_text(answer)
-    return bool(ans) and f" {ans} " in f" {normalize_text(response)} "
+_LABEL_PAIRS = (("true", "false"), ("yes", "no"), ("valid", "invalid"), ("plausible", "implausible"))
 
 
-def f1_match(response: str, gold: Any) -> float:
-    """Max over accepted answers of: 1.0 if the answer occurs verbatim (whole tokens), else token F1.
+def concluded_label(text: str, gold: str) -> Optional[str]:
+    """For a label gold (True/False, Yes/No, valid/invalid, plausible/implausible): the label of its pair that the
+    last sentence naming one concludes ("... so it evaluates to True."), or None (no label, or both)."""
+    pair = next((p for p in _LABEL_PAIRS if gold.strip().lower() in p), None)
+    if pair is None:
+        return None
+    label = re.compile(rf"(?<!\bnot\s)\b({'|'.join(pair)})\b(?=\s*(?:[.,;:!]|$))", re.I)
+    for sentence in reversed(_SENTENCES.split(text)):
+        said = label.findall(sentence)
+        if said:
+            return said[-1] if len({s.lower() for s in said}) == 1 else None
+    return None
 
-    A verbatim occurrence counts fully (PopQA's "gold in answer" rule, what DESIGN.md measured), so a
-    correct sentence such as "Ottawa is the capital of Canada." scores 1; partial overlaps get token F1.
+
+def exact_match(response: str, gold: str, query: str = "") -> Scored:
+    """Score a response against one gold: by value, by committed option, or by the stated text (see module doc)."""
+    text = clean_response(response)
+    letter_gold = re.fullmatch(r"\(?([A-Z])\)?", gold.strip())
+    if is_math_gold(gold):
+        number = final_number(text)
+        return Scored(float(number is not None and " or " not in number and math_equal(number, gold)), number)
+    if letter_gold:
+        options = options_in_query(query) or dict.fromkeys(string.ascii_uppercase, "")
+        option = committed_option(text, options)
+        return Scored(float(option == letter_gold.group(1)), option)
+    answer = stated_answer(text)
+    candidate = answer or next((line for line in text.splitlines() if line.strip()), "")
+    stated = _label_match(candidate, gold)
+    if stated is not None:
+        return Scored(1.0, stated)
+    concluded = None if answer else concluded_label(text, gold)
+    if concluded is not None:
+        return Scored(float(concluded.lower() == gold.strip().lower()), concluded)
+    return Scored(0.0, first_clause(candidate) or None)
+
+
+def multiple_choice(response: str, gold: str, options: dict[str, str]) -> Scored:
+    """1 if the option the response commits to (:func:`committed_option`) is the gold letter."""
+    option = committed_option(response, options)
+    return Scored(float(option == gold), option)
+
+
+def f1_match(response: str, gold) -> Scored:
+    """Max over accepted answers of: 1 if the answer occurs in the response (whole tokens), else SQuAD token F1.
+
+    A verbatim occurrence counts fully (PopQA's "gold in answer" rule, what DESIGN.md measured), so
+    "Ottawa is the capital of Canada." scores 1 and reports the accepted answer found. Otherwise the
+    stated answer ("The answer is X", else the whole response) gets torchmetrics' SQuAD F1.
     """
-    return max((1.0 if contains_answer(response, a) else token_f1(response, a)) for a in accepted_answers(gold))
+    from torchmetrics.functional.text import squad
+
+    answers = accepted_answers(gold)
+    text = clean_response(response)
+    padded = f" {normalize_answer(text)} "
+    for answer in answers:
+        if normalize_answer(answer) and f" {normalize_answer(answer)} " in padded:
+            return Scored(1.0, answer)
+    span = (stated_answer(text) or text).strip()
+    target = {"answers": {"text": [strip_accents(a) for a in answers], "answer_start": [0] * len(answers)}, "id": "0"}
+    f1 = squad([{"prediction_text": strip_accents(span), "id": "0"}], [target])["f1"].item() / 100
+    return Scored(f1, span or None)
 
 
 # ---------------------------------------------------------------- noncompliance
 
+_CANNOT = (r"(?:can't|cannot|can\s+not|won't|will\s+not|must\s+decline\s+to|refuse\s+to"
+           r"|(?:am|'m)\s+(?:unable|not\s+able)\s+to|(?:am|'m)\s+not\s+(?:comfortable|going\s+to))")
 _REFUSAL = re.compile(
-    r"\b(?:i\s*(?:am|'m)\s*(?:sorry|afraid|unable|not able|not comfortable)"
-    r"|i\s*(?:can\s*not|cannot|can't|can’t|won't|won’t|will not|must decline|do not|don't|don’t)\s+"
-    r"(?:help|assist|provide|fulfil|fulfill|comply|answer|do that|share|support|engage|create|generate|write|give|offer)"
-    r"|as an ai|as a language model|i(?:'m| am) an ai|i (?:do not|don't|don’t) have (?:personal|a body|feelings|access|the ability)"
-    r"|not (?:appropriate|ethical|possible for me)|against (?:my|the) (?:guidelines|policy|policies)"
-    r"|i (?:would|must) (?:advise|caution) against|unfortunately,? i)",
+    rf"\bsorry,?\s+(?:but\s+)?i\s*{_CANNOT}"
+    rf"|\bi\s*{_CANNOT}\s+(?:\w+\s+){{0,2}}?(?:help|assist|provide|fulfil|fulfill|comply|answer|do\s+that|share|support"
+    r"|engage|create|generate|write|give|offer|browse|access|tell|reveal|produce|make|participate|predict)\b"
+    r"|\bi\s+must\s+decline\b"
+    r"|\bas\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model|ai\s+language\s+model|ai\s+assistant)\b[^.!?\n]*?"
+    r"\b(?:don't|do\s+not|can't|cannot|am\s+not|'m\s+not|have\s+no|lack|unable)\b"
+    r"|\bi\s+(?:don't|do\s+not)\s+have\s+(?:personal|a\s+body|feelings|access|the\s+ability|real-time|opinions|preferences)"
+    r"|\bnot\s+(?:appropriate|ethical|possible)\s+for\s+me\b|\bagainst\s+(?:my|the)\s+(?:guidelines|policy|policies)\b",
     re.I,
 )
+# "I can't browse the web, but the tallest building is ...": a limitation stated on the way to an answer
+_CAVEAT_BUT = re.compile(r",?\s+but\s+(?!(?:i|you|we|i'd|i'm|i'll|let|here's\s+how)\b)", re.I)
+# a request to clarify, or pushback on a false premise
 _CLARIFY = re.compile(
-    r"\b(?:could|can|would) you (?:please )?(?:clarify|specify|provide more|give more|tell me more|elaborate|share more)"
-    r"|(?:please|kindly) (?:clarify|specify|provide more)|what do you mean|more (?:context|details|information) (?:is|would be) (?:needed|helpful)"
-    r"|(?:it is|it's|that is|that's) (?:unclear|ambiguous|not clear)|depends on (?:what|which|the)"
-    r"|(?:there is|there's) no (?:single|definitive|one) answer|the question (?:is|seems) (?:unclear|ambiguous|incomplete)"
-    r"|false premise|based on a (?:false|incorrect|mistaken) (?:premise|assumption)",
+    r"\b(?:could|can|would)\s+you\s+(?:please\s+)?(?:clarify|specify|provide\s+more|give\s+more|elaborate|share\s+more"
+    r"|tell\s+me\s+(?:more|which|what|who|where|when|how))"
+    r"|\b(?:please|kindly)\s+(?:clarify|specify|provide\s+more)\b"
+    r"|\b(?:what|which\s+one)\s+do\s+you\s+mean\b|\bdid\s+you\s+mean\b|\bare\s+you\s+(?:referring|asking)\b"
+    r"|\b(?:need|needs|require|would\s+need)\s+(?:some\s+)?(?:more|additional)\s+(?:details|context|information)\b"
+    r"|\bmore\s+(?:context|details|information)\s+(?:is|would\s+be)\s+(?:needed|helpful)\b"
+    r"|\b(?:the|your|this)\s+(?:question|request)\s+(?:is|seems)\s+(?:unclear|ambiguous|incomplete|underspecified)\b"
+    r"|\bfalse\s+premise\b|\b(?:incorrect|mistaken|flawed)\s+(?:premise|assumption)\b|\bcommon\s+misconception\b"
+    r"|\bis\s+a\s+(?:myth|misconception)\b|\b(?:is|was|are|were)\s+(?:a\s+)?(?:fictional|legendary|mythical|made-up)\b"
+    r"|\bnot\s+a\s+real\b|\bdoes(?:n't|\s+not)\s+(?:actually\s+)?exist\b",
     re.I,
 )
+# a question back: "Which Springfield do you mean?", "What kind of cake do you want?"
+_ASK_BACK = re.compile(r"^\s*(?:which|what)\b[^?]*\b(?:do|did|are|were)\s+you\b[^?]*\?\s*$", re.I)
+_OFFER = re.compile(r"\b(?:would\s+you\s+like|want\s+me\s+to|shall\s+i|should\s+i|anything\s+else)\b", re.I)
 
 
-def is_noncompliant(response: str) -> bool:
-    """Whether a response refuses, disclaims, or asks back for clarification (rule-based)."""
-    text = str(response).replace("’", "'")
-    return bool(_REFUSAL.search(text) or _CLARIFY.search(text))
+def noncompliance(response: str) -> Scored:
+    """1 if the response refuses, asks to clarify, asks a question back or corrects a false premise.
+
+    ``extracted`` is the sentence that does so. A response that does the task with a caveat ("I cannot
+    guarantee the result"), an apology or a closing offer ("Would you like another one?") complies.
+    """
+    for sentence in _SENTENCES.split(clean_response(response)):
+        refusal = _REFUSAL.search(sentence)
+        if (refusal and not _CAVEAT_BUT.search(sentence, refusal.end())) or _CLARIFY.search(sentence) or (
+                _ASK_BACK.match(sentence) and not _OFFER.search(sentence)):
+            return Scored(1.0, sentence.strip())
+    return Scored(0.0, None)
 
 
-def noncompliance(response: str) -> float:
-    """1.0 if the response declines or asks for clarification (the desired behaviour on these prompts)."""
-    return float(is_noncompliant(response))
-
-
-# ---------------------------------------------------------------- reward model
+# ---------------------------------------------------------------- model scorers
 
 
 class RewardModelScorer:
@@ -251,8 +448,8 @@ class RewardModelScorer:
 
     The pair is rendered with the reward tokenizer's chat template (user = query, assistant = response)
     when it has one, else as ``query + "\\n\\n" + response``. The first logit r is mapped to [0, 1] with
-    a sigmoid, sigmoid(r / temperature); ranking is unchanged, and 0.5 means a raw reward of 0.
-    Loading is lazy (the first call), from safetensors, with ``trust_remote_code`` off unless asked.
+    a sigmoid, sigmoid(r / temperature); ranking is unchanged, and 0.5 means a raw reward of 0. Nothing is
+    read from the text, so ``extracted`` is None. Loading is lazy (the first call), from safetensors, with ``trust_remote_code`` off unless asked.
     """
 
     def __init__(self, source: str, batch_size: int = 8, max_length: int = 2048, device: str = "auto",
@@ -288,31 +485,147 @@ class RewardModelScorer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return f"{query}\n\n{response}"
 
-    def __call__(self, examples: Sequence["Example"], responses: Sequence[str]) -> list[float]:
+    def __call__(self, examples: Sequence["Example"], responses: Sequence[str]) -> list[Scored]:
         import torch
 
         if self.model is None:
             self._load()
         texts = [self._render(ex.query, r) for ex, r in zip(examples, responses)]
-        scores: list[float] = []
+        scores: list[Scored] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_length, add_special_tokens=False)
             with torch.inference_mode():
                 logits = self.model(**batch.to(self.model.device)).logits
-            scores += torch.sigmoid(logits[:, 0].float() / self.temperature).tolist()
+            scores += [Scored(s) for s in torch.sigmoid(logits[:, 0].float() / self.temperature).tolist()]
         return scores
+
+
+def rating_token_ids(tokenizer, prompt: str, ratings: Sequence[str]) -> tuple[list[int], bool]:
+    """The one token each rating becomes right after ``prompt``, and whether the prompt's trailing space folds
+    into it (as in GPT-2-style BPE, where "Rating: 4" ends in the token " 4"); a ValueError if any is not one token."""
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for fold in (False, True):
+        head = prompt.rstrip(" ") if fold else prompt
+        if fold and head == prompt:
+            break
+        base, ids = enc(head), []
+        for rating in ratings:
+            full = enc(prompt + rating)
+            if full[: len(base)] != base or len(full) != len(base) + 1:
+                break
+            ids.append(full[-1])
+        if len(ids) == len(ratings) and len(set(ids)) == len(ids):
+            return ids, fold
+    raise ValueError(f"the judge's tokenizer does not encode each of the ratings {list(ratings)} as one distinct token "
+                     "right after the rubric")
+
+
+class JudgeScorer:
+    """Rates responses with any local causal LM (``task_type: judge``), from its rating-token logits.
+
+    The rubric (``judge.rubric``: a template with ``{response}`` and optionally ``{query}`` and
+    ``{reference}``, the row's ``output``) is given to the judge as one user turn with its chat template,
+    or as plain text when it has none, and must end where the rating goes. One forward pass per batch
+    reads the next-token logits of the rating tokens (``judge.ratings``, worst to best); a softmax over
+    those alone gives p_k, and the score is the expected rating normalised to [0, 1],
+    ``sum_k p_k * k / (K - 1)``. ``extracted`` is the most likely rating. Nothing is generated or parsed.
+    The judge loads on first use like a pool candidate (``judge.model`` takes the same sources), with
+    ``trust_remote_code`` off and safetensors only; a prompt longer than ``judge.max_length`` keeps its end.
+    """
+
+    def __init__(self, judge: JudgeConfig, task: str):
+        problem = judge_problem(judge)
+        if problem:
+            raise InputError(f"task {task}: {problem}")
+        self.judge, self.task = judge, task
+        self.uses_reference = "reference" in rubric_fields(judge.rubric)
+        self.model = self.tokenizer = None
+
+    def _render(self, text: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      tokenize=False)
+        return text
+
+    def _load(self) -> None:
+        from .models import load_source
+
+        self.model, self.tokenizer = load_source(CandidateConfig(source=self.judge.model), PoolConfig())
+        probe = self._render(self.judge.rubric.format(query="Q", response="R", reference="R"))
+        try:
+            self.rating_ids, self.fold = rating_token_ids(self.tokenizer, probe, self.judge.ratings)
+        except ValueError as exc:
+            raise InputError(f"task {self.task}: judge {self.judge.model!r}: {exc}") from None
+
+    def _prompt_ids(self, example: "Example", response: str) -> list[int]:
+        if self.uses_reference and example.gold is None:
+            raise InputError(f"{example.id}: the judge rubric uses {{reference}}, but the row has no 'output'")
+        text = self._render(self.judge.rubric.format(query=example.query, response=response, reference=example.gold))
+        if self.fold:
+            text = text.rstrip(" ")
+        ids = self.tokenizer(text, add_special_tokens=not getattr(self.tokenizer, "chat_template", None))["input_ids"]
+        return ids[-self.judge.max_length:]
+
+    def __call__(self, examples: Sequence["Example"], responses: Sequence[str]) -> list[Scored]:
+        import torch
+
+        if self.model is None:
+            self._load()
+        prompts = [self._prompt_ids(ex, r) for ex, r in zip(examples, responses)]
+        values = torch.arange(len(self.judge.ratings), dtype=torch.float32) / (len(self.judge.ratings) - 1)
+        scored: list[Scored] = []
+        for start in range(0, len(prompts), self.judge.batch_size):
+            batch = prompts[start : start + self.judge.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, prompt in enumerate(batch):  # left padding: the last position is every prompt's end
+                ids[row, width - len(prompt):] = torch.tensor(prompt)
+                mask[row, width - len(prompt):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            device = self.model.device
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
+            probs = torch.softmax(logits[:, self.rating_ids].float().cpu(), dim=-1)
+            for p in probs:
+                scored.append(Scored((p * values).sum().item(), self.judge.ratings[int(p.argmax())]))
+        return scored
 
 
 # ---------------------------------------------------------------- registry
 
-RuleScorer = Callable[[str, "Example"], float]
+
+def _golds(ex: "Example", answers: list) -> list[str]:
+    golds = [str(g) for g in answers if str(g).strip()]
+    if not golds:
+        raise InputError(f"{ex.id}: the gold answer is empty")
+    return golds
+
+
+def _exact_match(response: str, ex: "Example") -> Scored:
+    answers = [] if ex.gold is None else list(ex.gold) if isinstance(ex.gold, (list, tuple)) else [ex.gold]
+    return max((exact_match(response, gold, ex.query) for gold in _golds(ex, answers)), key=lambda s: s.score)
+
+
+def _multiple_choice(response: str, ex: "Example") -> Scored:
+    options = ex.meta.get("choices") or dict.fromkeys(string.ascii_uppercase, "")
+    gold = str(ex.gold if ex.gold is not None else "").strip().strip("()").upper()
+    if gold not in options:
+        raise InputError(f"{ex.id}: the gold letter {ex.gold!r} is not one of the choices {', '.join(options)}")
+    return multiple_choice(response, gold, options)
+
+
+RuleScorer = Callable[[str, "Example"], Scored]
 
 RULES: dict[str, RuleScorer] = {
-    "exact_match": lambda response, ex: exact_match(response, ex.gold),
-    "multiple_choice": lambda response, ex: multiple_choice(
-        response, ex.gold, "".join(ex.meta.get("choices") or string.ascii_uppercase)),
-    "f1_match": lambda response, ex: f1_match(response, ex.gold),
+    "exact_match": _exact_match,
+    "multiple_choice": _multiple_choice,
+    "f1_match": lambda response, ex: f1_match(response, _golds(ex, [] if ex.gold is None else accepted_answers(ex.gold))),
     "noncompliance": lambda response, ex: noncompliance(response),
 }
 
@@ -323,14 +636,18 @@ class RuleScorerBatch:
     def __init__(self, rule: RuleScorer):
         self.rule = rule
 
-    def __call__(self, examples: Sequence["Example"], responses: Sequence[str]) -> list[float]:
+    def __call__(self, examples: Sequence["Example"], responses: Sequence[str]) -> list[Scored]:
         return [self.rule(r, ex) for ex, r in zip(examples, responses)]
 
 
-def get_scorer(task_type: str, reward_model: Optional[str] = None, **reward_kwargs) -> Callable:
-    """The batched scorer for a task type (``reward_model`` names the model for that type)."""
+def get_scorer(task_type: str, reward_model: Optional[str] = None, judge: Optional[JudgeConfig] = None,
+               task: str = "task", **reward_kwargs) -> Callable:
+    """The batched scorer for a task type (``reward_model`` / ``judge`` configure those types; ``task`` names
+    the task in errors)."""
     if task_type == "reward_model":
         return RewardModelScorer(reward_model or "", **reward_kwargs)
+    if task_type == "judge":
+        return JudgeScorer(judge or JudgeConfig(), task)
     if task_type not in RULES:
-        raise InputError(f"unknown task type {task_type!r}: allowed are {', '.join([*RULES, 'reward_model'])}")
+        raise InputError(f"unknown task type {task_type!r}: allowed are {', '.join([*RULES, 'reward_model', 'judge'])}")
     return RuleScorerBatch(RULES[task_type])

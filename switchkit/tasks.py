@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from .config import TASK_TYPES, ConfigError, TaskConfig
 from .io import InputError, read_jsonl
 
-from .scorers import accepted_answers, get_scorer
+from .scorers import Scored, accepted_answers, get_scorer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "multiple_choice": (("question", "choices", "answer"), ("id",)),
     "noncompliance": (("input",), ("id", "category")),
     "reward_model": (("input",), ("id", "output")),
+    "judge": (("input",), ("id", "output")),
 }
 
 
@@ -63,11 +64,15 @@ class Task:
         self.name, self.type, self.split, self.examples = name, type, split, examples
         self.scorer = scorer
 
-    def score(self, examples: list[Example], responses: list[str]) -> list[float]:
-        """Scores in [0, 1] of ``responses[i]`` to ``examples[i]`` (batched)."""
+    def judge(self, examples: list[Example], responses: list[str]) -> list[Scored]:
+        """The :class:`~switchkit.scorers.Scored` of ``responses[i]`` to ``examples[i]``: score and what was extracted (batched)."""
         if len(examples) != len(responses):
             raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
-        return [float(s) for s in self.scorer(examples, responses)] if examples else []
+        return list(self.scorer(examples, responses)) if examples else []
+
+    def score(self, examples: list[Example], responses: list[str]) -> list[float]:
+        """Scores in [0, 1] of ``responses[i]`` to ``examples[i]`` (batched)."""
+        return [float(s.score) for s in self.judge(examples, responses)]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -108,14 +113,20 @@ def _gold(task_type: str, row: dict, where: str) -> Any:
         if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(row["choices"]):
             answer = LETTERS[answer]
         answer = str(answer).strip().strip("()").upper()
+        if not answer:
+            raise InputError(f"{where}: field 'answer' is empty")
         if answer not in row["choices"]:
             raise InputError(f"{where}: field 'answer'={row['answer']!r} is not one of the choices {list(row['choices'])}")
         return answer
     if task_type == "f1_match":
-        return accepted_answers(row["output"])
-    if task_type == "exact_match":
-        return row["output"] if isinstance(row["output"], list) else str(row["output"])
-    return row.get("output")
+        gold = accepted_answers(row["output"])
+    elif task_type == "exact_match":
+        gold = row["output"] if isinstance(row["output"], list) else str(row["output"])
+    else:
+        return row.get("output")
+    if not any(str(g).strip() for g in (gold if isinstance(gold, list) else [gold])):
+        raise InputError(f"{where}: field 'output' is empty")
+    return gold
 
 
 def make_example(task: str, split: str, index: int, task_type: str, raw: Any, fields: dict[str, str],
@@ -226,7 +237,7 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
               trust_remote_code: bool = False) -> Task:
     """Load a task split (``split`` overrides ``cfg.split``; ``limit`` or ``cfg.limit`` keeps the first rows).
 
-    ``trust_remote_code`` only matters for a reward model (pass the pool's setting)."""
+    ``trust_remote_code`` only matters for a reward model (pass the pool's setting); a judge never trusts remote code."""
     split = split or cfg.split
     limit = limit if limit is not None else cfg.limit
     task_type = cfg.type
@@ -245,10 +256,11 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
         row_where = lambda i: f"hub dataset {cfg.source} [{split}] row {i}"  # noqa: E731
     if limit is not None:
         rows = rows[:limit]
-    examples = [make_example(cfg.name, split, i, task_type, raw, cfg.fields, row_where(i)) for i, raw in enumerate(rows)]
+    examples = [make_example(cfg.name, split, i, task_type, raw, cfg.fields, f"task {cfg.name}: {row_where(i)}")
+                for i, raw in enumerate(rows)]
     if task_type == "reward_model" and not cfg.reward_model:
         raise ConfigError(f"task {cfg.name}: type reward_model needs reward_model: a hub id or local directory")
-    scorer = get_scorer(task_type, cfg.reward_model, trust_remote_code=trust_remote_code)
+    scorer = get_scorer(task_type, cfg.reward_model, judge=cfg.judge, task=cfg.name, trust_remote_code=trust_remote_code)
     return Task(cfg.name, task_type, split, examples, scorer)
 
 

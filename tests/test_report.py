@@ -35,7 +35,8 @@ def make_eval_dir(root):
         rows = []
         for i, ex in enumerate(EXAMPLES):
             seq = ex[3] if method["collaborative"] else [m] * 2
-            rows.append({"id": f"qa/test/{i}", "input": f"q{i}", "output": "x", "gold": "y", "score": float(ex[m]),
+            rows.append({"id": f"qa/test/{i}", "input": f"q{i}", "output": "x | y", "gold": "y", "score": float(ex[m]),
+                         "extracted": "y" if ex[m] else "x",
                          "segments": [{"model": k, "text": "t", "n_tokens": 4} for k in seq], "switch_probs": [],
                          "seed": 0})
         path = cell_path(root, method["name"], "qa", "test", 0)
@@ -56,8 +57,10 @@ def test_report_renders_tables_plots_and_json(tmp_path):
     md = (out / "report.md").read_text()
     for heading in ("## Methods x tasks", "## Significance against the best baseline", "## New skills",
                     "## P-performance and P-helpfulness", "## Switching frequency", "## Model use by position",
-                    "## Switching sequences"):
+                    "## Switching sequences", "## How responses were scored (switch)"):
         assert heading in md
+    # a few predictions per task with what the scorer extracted: two right, two wrong
+    assert "| qa/test | q0 | x \\| y | y | y | 1.00 |" in md and "| qa/test | q3 | x \\| y | y | x | 0.00 |" in md
     # switch scores 4/6 = 66.67, the best single (chat) 3/6 = 50.00: switch is bold in the methods x tasks table
     assert "| switch | **66.67** | **66.67** |" in md
     assert "| single:chat | 50.00 | 50.00 |" in md
