@@ -221,6 +221,14 @@ def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def paired_gain(ours: Mapping[str, float], reference: Mapping[str, float]) -> dict:
+    """The mean per-example gain of ``ours`` over ``reference`` on their shared examples, with a paired
+    bootstrap 95% CI (resampling examples) and the one-tailed paired t-test's p-value (H1: gain > 0)."""
+    test = paired_test(ours, reference)
+    lo, hi = bootstrap_ci(paired_diffs(ours, reference))
+    return {"n": test["n"], "gain": test["diff"], "ci95": [lo, hi], "p": test["p"]}
+
+
 def paired_diffs(ours: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:
     """Per-example score differences ours - baseline over the shared ids (for a CI of the gain)."""
     return [ours[i] - baseline[i] for i in sorted(set(ours) & set(baseline))]

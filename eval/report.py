@@ -80,6 +80,39 @@ def scoring_examples(rows: list[dict], count: int = EXAMPLES) -> list[dict]:
     return [{k: r.get(k) for k in ("id", "input", "output", "gold", "extracted", "score")} for r in picked]
 
 
+def answer(by_id: dict, columns: list[str], tested: list[str], singles: list[str], ceilings: list[str],
+           names: list[str]) -> dict:
+    """The report's lead: each tested method's gain over random switching, the untuned switcher and the best
+    single model (paired over examples, all tasks pooled and per task), beside the oracle ceiling."""
+
+    def pooled(name: str, cols: list[str]) -> dict[str, float]:
+        return {f"{c}|{i}": v for c in cols for i, v in by_id.get(name, {}).get(c, {}).items()}
+
+    def mean(name: str, cols: list[str]) -> Optional[float]:
+        values = list(pooled(name, cols).values())
+        return float(np.mean(values)) if values else None
+
+    def references(cols: list[str]) -> list[tuple[str, str]]:
+        refs = [(ref, ref) for ref in ("random", "untuned") if ref in names]
+        present = [s for s in singles if pooled(s, cols)]
+        if present:
+            best = max(present, key=lambda s: mean(s, cols))
+            refs.append((f"best single ({best})", best))
+        return refs
+
+    def gains(name: str, cols: list[str]) -> list[dict]:
+        return [{"reference": label, "method": ref, **analysis.paired_gain(pooled(name, cols), pooled(ref, cols))}
+                for label, ref in references(cols) if ref != name]
+
+    ceiling = ceilings[0] if ceilings else None
+    return {
+        "oracle": mean(ceiling, columns) if ceiling else None,
+        "rows": [{"method": n, "score": mean(n, columns), "gains": gains(n, columns)} for n in tested],
+        "per_task": {n: {c: gains(n, [c]) for c in columns} for n in tested},
+        "oracle_per_task": {c: mean(ceiling, [c]) for c in columns} if ceiling else {},
+    }
+
+
 def build_report(eval_dir: Path) -> dict:
     """Every number of the report, computed from the saved predictions."""
     summary, rows = load_results(eval_dir)
@@ -130,9 +163,7 @@ def build_report(eval_dir: Path) -> dict:
             significance.append({"method": name, "column": col, "baseline": base, **test,
                                  "stars": analysis.stars(test["p"]), "diff_ci95": [lo, hi]})
 
-    gain = {n: {c: scores[n][c]["mean"] - max(scores[s][c]["mean"] for s in singles if c in scores[s])
-                for c in columns if c in scores[n] and any(c in scores[s] for s in singles)}
-            for n in runnable if n not in singles}
+    headline = answer(by_id, columns, tested, singles, ceilings, names)
 
     new_skills = {n: {c: analysis.new_skills(by_id[n][c], {s: by_id[s][c] for s in singles if c in by_id[s]})
                       for c in columns if c in by_id[n]}
@@ -167,9 +198,10 @@ def build_report(eval_dir: Path) -> dict:
 
     return {
         "recipe": summary.get("recipe"), "pool": pool, "labels": labels, "columns": columns, "examples": examples,
+        "answer": headline,
         "examples_method": shown,
         "methods": methods, "tested": tested, "singles": singles, "ceilings": ceilings,
-        "scores": dict(scores), "average": average, "best": best, "significance": significance, "gain": gain,
+        "scores": dict(scores), "average": average, "best": best, "significance": significance,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
         "positions": positions, "model_share": share,
     }
