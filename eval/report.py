@@ -179,8 +179,9 @@ def build_report(eval_dir: Path) -> dict:
                                                   scores[n][c]["mean"])
                             for c in columns if all(c in scores[s] for s in pre + rest + [n])}
 
-    switching, sequences, positions, share = {}, {}, {}, {}
+    switching, sequences, positions, share, first_patch = {}, {}, {}, {}, {}
     for n in collaborative:
+        first_patch[n] = {c: analysis.answer_in_first_patch(rows[(n, c)]) for c in columns if (n, c) in rows}
         recs = [r for c in columns for r in rows.get((n, c), [])]
         switching[n] = {c: analysis.switching_frequency(rows[(n, c)]) for c in columns if (n, c) in rows}
         switching[n]["all"] = analysis.switching_frequency(recs)
@@ -203,7 +204,7 @@ def build_report(eval_dir: Path) -> dict:
         "methods": methods, "tested": tested, "singles": singles, "ceilings": ceilings,
         "scores": dict(scores), "average": average, "best": best, "significance": significance,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
-        "positions": positions, "model_share": share,
+        "positions": positions, "model_share": share, "first_patch": first_patch,
     }
 
 

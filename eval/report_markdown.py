@@ -118,6 +118,14 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
              _pct(v["switches_per_boundary"], 1), _pct(v["responses_with_switch"], 1)]
             for n, per_col in rep["switching"].items() for c, v in per_col.items()])
 
+        out += ["", "## Answer fixed in the first patch", "",
+                "Share (x 100) of responses whose extracted answer already occurs in their first segment (the aligned "
+                "model's first patch, unless the method names every writer): when it is high, later switching "
+                "cannot change the answer.", ""]
+        out += _table(["method", "task", "all responses", "responses scored right"], [
+            [n, c, _pct(v["in_first_patch"], 1), _pct(v["right_and_in_first_patch"], 1)]
+            for n, per_col in rep["first_patch"].items() for c, v in per_col.items()])
+
         out += ["", "## Model use by position", "",
                 "Share (x 100) of the patches in the begin / middle / end third of responses written by each model "
                 "(all tasks).", ""]

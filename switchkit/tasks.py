@@ -2,9 +2,11 @@
 
 Sources (``TaskConfig.source``):
 
-- ``builtin:capitals``: the demo task shipped in ``switchkit/data/capitals.jsonl`` ("What is the
-  capital of X?", with largest-city traps); ``builtin:languages`` ("What is the official language of
-  X?", the demo's unseen task). Rows alternate between ``dev`` (even) and ``test`` (odd).
+- ``builtin:NAME``: a short-answer task shipped with the package as ``switchkit/data/NAME.json`` in the
+  ``{task_type, dev, test}`` format (disjoint splits, at least 200 test queries): ``capitals`` (countries and
+  first-level regions; the base model leads, with largest-city traps), ``plurals`` (irregular nouns among
+  them; the instruct model leads), ``antonyms``, ``city_country`` and ``past_tense``. The facts are
+  general knowledge; the text is ours.
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` file. A ``.json`` file holding one object
   ``{"task_type", "dev", "test"}`` (the MoCo format) is read unchanged: ``split`` picks the list and the
   file's ``task_type`` picks the scorer. Any other file is a list of rows (all rows are the split).
@@ -32,8 +34,6 @@ from .scorers import Scored, accepted_answers, get_scorer
 
 log = logging.getLogger(__name__)
 
-# built-in demo tasks: facts shipped in switchkit/data/<name>.jsonl and the question asked about each country
-BUILTINS = {"capitals": "What is the capital of {country}?", "languages": "What is the official language of {country}?"}
 LETTERS = string.ascii_uppercase
 
 # task type -> (required fields, optional fields) of a row
@@ -158,18 +158,10 @@ def make_example(task: str, split: str, index: int, task_type: str, raw: Any, fi
 # ---------------------------------------------------------------- loaders
 
 
-def _builtin_rows(name: str, split: str) -> tuple[list[dict], str]:
-    if name not in BUILTINS:
-        raise InputError(f"unknown builtin task 'builtin:{name}': allowed are {', '.join('builtin:' + b for b in BUILTINS)}")
-    if split not in ("dev", "test"):
-        raise InputError(f"builtin:{name} has splits dev and test, not {split!r}")
-    node = resources.files("switchkit").joinpath("data", f"{name}.jsonl")
-    with resources.as_file(node) as path:
-        facts = read_jsonl(path, required=("country", "answers"))
-    offset = 0 if split == "dev" else 1
-    rows = [{"input": BUILTINS[name].format(country=f["country"]), "output": f["answers"], "country": f["country"]}
-            for f in facts[offset::2]]
-    return rows, f"builtin:{name}"
+def builtin_tasks() -> list[str]:
+    """The names of the built-in tasks (``builtin:NAME``)."""
+    return sorted(p.name[: -len(".json")] for p in resources.files("switchkit").joinpath("data").iterdir()
+                  if p.name.endswith(".json"))
 
 
 def _json_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], str]:
@@ -241,11 +233,15 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
     split = split or cfg.split
     limit = limit if limit is not None else cfg.limit
     task_type = cfg.type
-    if cfg.source.startswith("builtin:"):
-        rows, where = _builtin_rows(cfg.source.split(":", 1)[1], split)
-        row_where = lambda i: f"{where} [{split}] row {i}"  # noqa: E731
-    elif _is_local(cfg.source):
-        path = Path(cfg.source)
+    if cfg.source.startswith("builtin:") or _is_local(cfg.source):
+        if cfg.source.startswith("builtin:"):
+            name = cfg.source.split(":", 1)[1]
+            if name not in builtin_tasks():
+                raise InputError(f"unknown builtin task 'builtin:{name}': allowed are "
+                                 f"{', '.join('builtin:' + b for b in builtin_tasks())}")
+            path = Path(str(resources.files("switchkit").joinpath("data", f"{name}.json")))
+        else:
+            path = Path(cfg.source)
         rows, file_type, row_where = _local_rows(path, split)
         if file_type and file_type != task_type:
             log.info("task %s: %s declares task_type=%s; it picks the scorer (recipe type %s ignored)",

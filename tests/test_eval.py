@@ -292,3 +292,11 @@ def test_oracle_is_the_per_example_best_single_and_never_a_baseline(tiny_recipe)
     rep = build_report(tiny_recipe.parent / "run" / "eval")
     assert rep["ceilings"] == ["oracle"] and "oracle" not in rep["singles"]
     assert all(s["baseline"] != "oracle" for s in rep["significance"]) and rep["best"]["qa/test"] != "oracle"
+
+
+def test_answer_in_first_patch():
+    rows = [{"score": 1, "extracted": "Paris", "segments": [{"text": "The capital is Paris"}, {"text": "."}]},
+            {"score": 1, "extracted": "Ottawa", "segments": [{"text": "The capital of"}, {"text": " Canada is Ottawa"}]},
+            {"score": 0, "extracted": None, "segments": [{"text": "x"}]}]
+    assert analysis.answer_in_first_patch(rows) == {"responses": 3, "in_first_patch": 1 / 3,
+                                                    "right_and_in_first_patch": 0.5}
