@@ -343,3 +343,22 @@ def test_demo_pool_switches_at_text_level():
             view = seq.views[m]
             assert cand.tokenizer.decode(view.ids[view.prompt_len:]) == seq.text
     assert writers == {0, 1}
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 0.9), (1.0, 0.5), (1.0, 1.0), (3.0, 0.999)])
+def test_sampling_matches_the_top_p_distribution(temperature, top_p):
+    """Seeded inverse-CDF sampling draws from transformers' top-p distribution (the 3.0/0.999 case has a nucleus
+    wider than NUCLEUS_K, so it takes the full-sort path)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from switchkit.backends import NUCLEUS_K, Sampling, sample_tokens
+
+    logits = torch.randn(2, 4 * NUCLEUS_K, generator=torch.Generator().manual_seed(0)) * 2
+    scores = logits / temperature
+    expected = (TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores).softmax(-1)
+    draws = torch.tensor([sample_tokens(logits, [2 * s, 2 * s + 1], Sampling(temperature, top_p)) for s in range(1000)])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=logits.shape[1]).float() / len(draws)
+        assert bool(((freq > 0) <= (expected[row] > 0)).all())  # never outside the nucleus
+        assert float((freq - expected[row]).abs().max()) < 0.06
+    assert sample_tokens(logits, [1, 2], Sampling(temperature, top_p)) == sample_tokens(logits, [1, 2], Sampling(temperature, top_p))
