@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from switchkit.io import InputError, read_jsonl, write_json_atomic, write_text_atomic
+from switchkit.io import InputError, atomic_path, check_output, read_jsonl, write_json_atomic, write_text_atomic
 
 from . import analysis
 from .report_markdown import render_markdown
@@ -44,11 +44,17 @@ def load_results(eval_dir: Path) -> tuple[dict, dict[tuple[str, str], list[dict]
         summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: expected a JSON object")
     for key in ("pool", "methods", "cells"):
         if key not in summary:
             raise InputError(f"{path}: missing field {key!r}")
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for cell in summary["cells"]:
+    for i, cell in enumerate(summary["cells"]):
+        if not isinstance(cell, dict) or not {"method", "task", "split", "path"} <= set(cell):
+            raise InputError(f"{path}: cells.{i} needs method, task, split and path")
         rows[(cell["method"], column(cell["task"], cell["split"]))] += read_jsonl(
             eval_dir / cell["path"], required=("id", "score", "segments"))
     return summary, dict(rows)
@@ -208,16 +214,22 @@ def build_report(eval_dir: Path) -> dict:
     }
 
 
-def report_command(run_dir: str) -> Path:
-    """Write ``report.md``, ``report.json`` and the PNG plots under ``<eval dir>/report``; return that folder."""
+def report_command(run_dir: str, overwrite: bool = False) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNG plots under ``<eval dir>/report``; return that folder.
+
+    The folder is written as a whole: an earlier report (a view of the saved predictions) is replaced; a
+    ``report`` folder that holds something else is an error unless ``overwrite``."""
     import matplotlib
 
     matplotlib.use("Agg")
     eval_dir = find_eval_dir(run_dir)
-    rep = build_report(eval_dir)
     out = eval_dir / "report"
-    plots = [name for name, plot in PLOTS.items() if plot(rep, out / name)]
-    write_json_atomic(out / "report.json", rep)
-    write_text_atomic(out / "report.md", render_markdown(rep, plots))
+    check_output(out, overwrite=overwrite, ours=(out / "report.json").is_file())
+    rep = build_report(eval_dir)
+    with atomic_path(out, overwrite=out.exists()) as tmp:  # check_output has vetted what is there
+        tmp.mkdir()
+        plots = [name for name, plot in PLOTS.items() if plot(rep, tmp / name)]
+        write_json_atomic(tmp / "report.json", rep)
+        write_text_atomic(tmp / "report.md", render_markdown(rep, plots))
     print(f"report: {out / 'report.md'}")
     return out

@@ -24,6 +24,7 @@ the models.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -37,6 +38,8 @@ from .models import Pool, encode_query
 
 if TYPE_CHECKING:  # pragma: no cover
     from .policies import Policy
+
+log = logging.getLogger(__name__)
 
 
 def one_hot(n: int, i: int) -> list[float]:
@@ -136,14 +139,40 @@ class SwitchEngine:
             raise ValueError("queries, seeds and query_ids must have the same length")
         seqs = []
         for query, seed, qid in zip(queries, seeds, query_ids):
-            if not isinstance(query, str) or not query.strip():
-                raise InputError(f"query {qid!r} is empty: give a non-empty string")
-            views = []
-            for c in self.pool.candidates:
-                ids = encode_query(c.tokenizer, query, self.pool.plain_template)
-                views.append(View(ids, len(ids)))
+            views = [View(ids, len(ids)) for ids in (self._encode_query(c, query, qid) for c in self.pool.candidates)]
             seqs.append(SwitchSequence(query, qid, seed, views))
         return seqs
+
+    def check_queries(self, queries: list[str], query_ids: list) -> None:
+        """Before generating anything: with ``generation.long_inputs=error``, every query fits every candidate's
+        context beside the response (an :class:`InputError` naming the query and the model otherwise)."""
+        if self.cfg.long_inputs == "error":
+            for query, qid in zip(queries, query_ids):
+                for c in self.pool.candidates:
+                    self._encode_query(c, query, qid)
+
+    def _encode_query(self, c, query: str, qid) -> list[int]:
+        """Candidate ``c``'s ids of the query, which must leave room for the response in its context; a longer
+        query is an error, or with ``generation.long_inputs=truncate`` loses its first tokens (with a warning)."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"query {qid!r} is empty: give a non-empty string")
+        ids = encode_query(c.tokenizer, query, self.pool.plain_template)
+        limit = c.context_length
+        room = limit - self.patches * self.cfg.patch_size if limit else None
+        if room is None or len(ids) <= room:
+            return ids
+        body = c.tokenizer(query, add_special_tokens=False)["input_ids"]
+        cut = len(ids) - room
+        while self.cfg.long_inputs == "truncate" and cut < len(body):
+            ids = encode_query(c.tokenizer, c.tokenizer.decode(body[cut:]), self.pool.plain_template)
+            if len(ids) <= room:
+                log.warning("query %r: cut to its last %d tokens to fit candidate %s's context of %d tokens",
+                            qid, len(body) - cut, c.name, limit)
+                return ids
+            cut += len(ids) - room
+        raise InputError(f"query {qid!r} takes {len(ids)} tokens of candidate {c.name}'s context of {limit}, leaving "
+                         f"less than the {limit - room} tokens of a response: shorten it, lower "
+                         "generation.max_new_tokens, or set generation.long_inputs=truncate")
 
     def fork(self, seq: SwitchSequence, seeds: list[int]) -> list[SwitchSequence]:
         """Copies of ``seq`` that share its written prefix and caches; each gets its own generator."""

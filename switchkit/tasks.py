@@ -60,9 +60,10 @@ class Example:
 class Task:
     """A loaded task split with its scorer."""
 
-    def __init__(self, name: str, type: str, split: str, examples: list[Example], scorer):
+    def __init__(self, name: str, type: str, split: str, examples: list[Example], scorer, scorer_key: str = ""):
         self.name, self.type, self.split, self.examples = name, type, split, examples
         self.scorer = scorer
+        self.scorer_key = scorer_key  # what decides the scores beyond the type (reward model or judge, and its weights)
 
     def judge(self, examples: list[Example], responses: list[str]) -> list[Scored]:
         """The :class:`~switchkit.scorers.Scored` of ``responses[i]`` to ``examples[i]``: score and what was extracted (batched)."""
@@ -169,6 +170,8 @@ def _json_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     if isinstance(data, list):
         return data, None, f"{path} row {{}}"
     if not isinstance(data, dict):
@@ -257,7 +260,21 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
     if task_type == "reward_model" and not cfg.reward_model:
         raise ConfigError(f"task {cfg.name}: type reward_model needs reward_model: a hub id or local directory")
     scorer = get_scorer(task_type, cfg.reward_model, judge=cfg.judge, task=cfg.name, trust_remote_code=trust_remote_code)
-    return Task(cfg.name, task_type, split, examples, scorer)
+    return Task(cfg.name, task_type, split, examples, scorer, _scorer_key(task_type, cfg))
+
+
+def _scorer_key(task_type: str, cfg: TaskConfig) -> str:
+    """The scorer's identity for fingerprints: a reward model's or judge's weights and settings."""
+    from dataclasses import asdict
+
+    from .config import CandidateConfig
+    from .models import source_identity
+
+    if task_type == "reward_model" and cfg.reward_model:
+        return source_identity(CandidateConfig(source=cfg.reward_model))
+    if task_type == "judge" and cfg.judge.model:
+        return json.dumps([source_identity(CandidateConfig(source=cfg.judge.model)), asdict(cfg.judge)], sort_keys=True)
+    return ""
 
 
 
@@ -284,8 +301,9 @@ def load_tasks(cfgs: list[TaskConfig], *, splits: Optional[list[str]] = None, li
 
 
 def content_hash(task: Task) -> str:
-    """A hash of what a task asks and expects (type, ids, queries, golds), for fingerprints of saved outputs."""
+    """A hash of what a task asks and expects (type, scorer, ids, queries, golds), for fingerprints of saved outputs."""
     import hashlib
 
-    body = json.dumps([task.type, [(e.id, e.query, e.gold) for e in task.examples]], sort_keys=True, default=str)
+    body = json.dumps([task.type, task.scorer_key, [(e.id, e.query, e.gold) for e in task.examples]], sort_keys=True,
+                      default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
