@@ -71,7 +71,9 @@ def evaluate_distilled(recipe: Recipe, overwrite: bool = False) -> dict:
     aligned_method = f"single:{candidate_name(aligned_candidate(recipe.pool.candidates))}"
     eval_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(
         recipe.eval, methods=[aligned_method, "switch", "distilled"]))
-    report = gain_report(recipe, eval_command(eval_recipe, overwrite=overwrite), aligned_method)
+    # its own summary file: the run's results.json keeps every method of `toolkit eval` (cells are shared)
+    summary = eval_command(eval_recipe, overwrite=overwrite, summary="distill_results.json")
+    report = gain_report(recipe, summary, aligned_method)
     report["model"] = str(distilled_model_dir(recipe))
     path = distill_dir(recipe) / "report.json"
     write_json_atomic(path, report)

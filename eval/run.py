@@ -4,6 +4,7 @@ Layout under the eval folder (:func:`switchkit.artifacts.eval_dir`)::
 
     cells/<method>/<task>/<split>/seed<seed>.jsonl   a finished cell: one prediction per example
     results.json                                     the run's summary, rewritten after each cell
+    distill_results.json                             the same for the methods `toolkit distill` evaluates
 
 Each cell is an output of the core runner (:mod:`switchkit.runner`): resumable batch by batch after a kill,
 fingerprinted (models, generation settings, task content, method and its artifact, seed), and reused only
@@ -75,7 +76,7 @@ def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: li
     }
 
 
-def eval_command(recipe: Recipe, overwrite: bool = False) -> dict:
+def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "results.json") -> dict:
     """Run every (method, task, split, seed) cell of ``recipe.eval``; return the summary.
 
     Raises :class:`ConfigError` for an unknown method, a missing artifact, a cell saved under other settings or
@@ -113,8 +114,8 @@ def eval_command(recipe: Recipe, overwrite: bool = False) -> dict:
             cells.append({"method": method.name, "task": task.name, "split": task.split, "seed": seed,
                           "n": len(rows), "mean": float(np.mean([r["score"] for r in rows])) if rows else None,
                           "path": str(path.relative_to(folder))})
-            write_json_atomic(folder / "results.json", _summary(recipe, methods, tasks, cells))
+            write_json_atomic(folder / summary, _summary(recipe, methods, tasks, cells))
     ctx.hold("", lambda: None)  # closes the last policy
     print(f"eval: {len(generated) - len(pending)} cached and {len(pending)} new cells; results in "
-          f"{folder / 'results.json'}")
+          f"{folder / summary}")
     return _summary(recipe, methods, tasks, cells)
