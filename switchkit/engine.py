@@ -42,6 +42,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+SHARED_PREFIX_MIN = 8  # tokens: a shorter prefix common to a batch's prompts is not worth a pass of its own
+SHARED_PREFIX_CACHE = 16  # shared-prefix states kept per engine
+
+
 def one_hot(n: int, i: int) -> list[float]:
     """A probability vector putting all mass on model ``i``."""
     return [1.0 if j == i else 0.0 for j in range(n)]
@@ -124,6 +128,7 @@ class SwitchEngine:
         self.eos = [c.eos_token_ids for c in pool.candidates]
         self.stop_len = max((len(s) for s in generation.stop), default=0)
         self.sampling = Sampling(generation.temperature, generation.top_p)
+        self._prefixes: dict = {}  # (model, prefix ids) -> cached state, see _shared_prefix
 
     @property
     def patches(self) -> int:
@@ -133,15 +138,31 @@ class SwitchEngine:
     # -- sequences -------------------------------------------------------------------------------
 
     def start(self, queries: list[str], seeds: list[int], query_ids=None) -> list[SwitchSequence]:
-        """New sequences, one per query, each with its own seeded generator."""
+        """New sequences, one per query, each with its own seeded generator; every model's view starts from the
+        cached state of the prompt prefix the batch shares (:meth:`_shared_prefix`)."""
         query_ids = list(range(len(queries))) if query_ids is None else list(query_ids)
         if not len(queries) == len(seeds) == len(query_ids):
             raise ValueError("queries, seeds and query_ids must have the same length")
-        seqs = []
-        for query, seed, qid in zip(queries, seeds, query_ids):
-            views = [View(ids, len(ids)) for ids in (self._encode_query(c, query, qid) for c in self.pool.candidates)]
-            seqs.append(SwitchSequence(query, qid, seed, views))
-        return seqs
+        prompts = [[self._encode_query(c, q, qid) for q, qid in zip(queries, query_ids)] for c in self.pool.candidates]
+        shared = [self._shared_prefix(m, ids) for m, ids in enumerate(prompts)]
+        return [SwitchSequence(query, qid, seed, [View(prompts[m][r], len(prompts[m][r]), state=shared[m])
+                                                  for m in range(len(self.pool))])
+                for r, (query, seed, qid) in enumerate(zip(queries, seeds, query_ids))]
+
+    def _shared_prefix(self, model: int, prompts: list[list[int]]):
+        """The cached state of the prefix that all ``prompts`` of a model share (a chat template's system turn, a
+        few-shot template), computed once and kept for later batches; None when they share too little."""
+        if len(prompts) < 2:
+            return None
+        length = min(min(map(len, prompts)) - 1, *(common_prefix(prompts[0], p) for p in prompts[1:]))
+        if length < SHARED_PREFIX_MIN:
+            return None
+        key = (model, tuple(prompts[0][:length]))
+        if key not in self._prefixes:
+            if len(self._prefixes) >= SHARED_PREFIX_CACHE:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[key] = self.backend.prefill(model, [list(key[1])], [None])[0]
+        return self._prefixes[key]
 
     def check_queries(self, queries: list[str], query_ids: list) -> None:
         """Before generating anything: with ``generation.long_inputs=error``, every query fits every candidate's

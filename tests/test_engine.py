@@ -362,3 +362,22 @@ def test_sampling_matches_the_top_p_distribution(temperature, top_p):
         assert bool(((freq > 0) <= (expected[row] > 0)).all())  # never outside the nucleus
         assert float((freq - expected[row]).abs().max()) < 0.06
     assert sample_tokens(logits, [1, 2], Sampling(temperature, top_p)) == sample_tokens(logits, [1, 2], Sampling(temperature, top_p))
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing(pool, monkeypatch):
+    import switchkit.engine as engine_module
+
+    queries = ["the quick brown fox jumps over the lazy dog, then asks: what is the capital of France?",
+               "the quick brown fox jumps over the lazy dog, then asks: what is the capital of Canada?"]
+    cfg = GenerationConfig(patch_size=4, max_new_tokens=16, temperature=0.0)
+    engine = SwitchEngine(pool, cfg)
+    seqs = engine.start(queries, [0, 1])
+    shared = seqs[0].views[2].state
+    assert shared is not None and shared is seqs[1].views[2].state  # one pass for the batch's common prefix
+    assert len(shared.ids) >= engine_module.SHARED_PREFIX_MIN
+    with_prefix = [s.text for s in engine.run(seqs, RandomPolicy())]
+    monkeypatch.setattr(engine_module, "SHARED_PREFIX_MIN", 10_000)
+    plain = SwitchEngine(pool, cfg)
+    seqs = plain.start(queries, [0, 1])
+    assert seqs[0].views[2].state is None
+    assert [s.text for s in plain.run(seqs, RandomPolicy())] == with_prefix
