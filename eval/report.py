@@ -21,7 +21,7 @@ import numpy as np
 
 from switchkit.io import InputError, read_jsonl, write_json_atomic, write_text_atomic
 
-from . import analysis
+from . import analysis, sweep
 from .report_markdown import render_markdown
 from .report_plots import PLOTS
 
@@ -172,6 +172,7 @@ def build_report(eval_dir: Path) -> dict:
         "scores": dict(scores), "average": average, "best": best, "significance": significance, "gain": gain,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
         "positions": positions, "model_share": share,
+        "sweep": sweep.curve(methods, rows, scores, columns, n_models),
     }
 
 

@@ -116,5 +116,36 @@ def plot_p_metrics(rep: dict, path: Path) -> bool:
     return True
 
 
+def plot_cost_quality(rep: dict, path: Path) -> bool:
+    """The sweep's cost–quality curve: score against the aligned model's share of patches, one point per setting,
+    with the other methods as reference points."""
+    import matplotlib.pyplot as plt
+
+    if not rep.get("sweep"):
+        return False
+    aligned = next((c["index"] for c in reversed(rep["pool"]) if c["role"] == "aligned"), len(rep["pool"]) - 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for line in rep["sweep"]["lines"]:
+        pts = line["points"]
+        xs, ys = [100 * p["share"][aligned] for p in pts], [100 * p["score"] for p in pts]
+        errors = None
+        if all(p["ci95"] for p in pts):
+            errors = [[y - 100 * p["ci95"][0] for y, p in zip(ys, pts)], [100 * p["ci95"][1] - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=f"{line['method']} ({line['key']})")
+        for x, y, p in zip(xs, ys, pts):
+            ax.annotate(f"{p['value']:g}", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for p in rep["sweep"]["reference"]:
+        x, y = 100 * p["share"][aligned], 100 * p["score"]
+        ax.scatter([x], [y], marker="x", color="grey")
+        ax.annotate(p["method"], (x, y), fontsize=7, color="dimgrey", xytext=(4, -9), textcoords="offset points")
+    ax.set_xlim(-5, 105)
+    ax.set_xlabel(f"share of patches written by the aligned model, {rep['pool'][aligned]['name']} (%)")
+    ax.set_ylabel("score (mean over tasks, x 100)")
+    ax.set_title("Cost–quality curve")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 PLOTS = {"gain_per_task.png": plot_gain, "position_usage.png": plot_positions,
-         "sequences.png": plot_sequences, "p_metrics.png": plot_p_metrics}
+         "sequences.png": plot_sequences, "p_metrics.png": plot_p_metrics, "cost_quality.png": plot_cost_quality}

@@ -26,6 +26,7 @@ from switchkit.runner import fingerprint, is_finished, run_items, scored, task_i
 from switchkit.tasks import Task, content_hash, load_tasks
 
 from .methods import Context, Method, Oracle, build_methods
+from .sweep import sweep_methods
 
 PREDICTION_FIELDS = ("id", "input", "output", "gold", "score", "segments")
 
@@ -48,7 +49,7 @@ def eval_tasks(recipe: Recipe) -> list[Task]:
 
 def cell_fingerprint(recipe: Recipe, method: Method, task: Task, seed: int) -> dict:
     """What decides a cell's rows."""
-    return fingerprint(recipe, switcher=method.collaborative, method=method.name, stamp=method.stamp(task.name),
+    return fingerprint(method.recipe, switcher=method.collaborative, method=method.name, stamp=method.stamp(task.name),
                        task=content_hash(task), split=task.split, seed=seed)
 
 
@@ -79,7 +80,7 @@ def eval_command(recipe: Recipe) -> dict:
 
     Raises :class:`ConfigError` for an unknown method or a missing artifact (before generating anything).
     """
-    methods = build_methods(recipe)
+    methods = sweep_methods(recipe, build_methods(recipe))
     tasks = eval_tasks(recipe)
     folder = eval_dir(recipe)
     plan = [(m, t, seed, cell_path(folder, m.name, t.name, t.split, seed), cell_fingerprint(recipe, m, t, seed))
