@@ -140,7 +140,7 @@ class Plan:
     chat: bool
 
     @property
-    def jobs_queries(self) -> list[str]:
+    def choice_queries(self) -> list[str]:
         """One query per choice: prompt ``p``'s choice ``j`` is choice ``p * n + j``."""
         return [q for q in self.queries for _ in range(self.n)]
 
@@ -226,7 +226,7 @@ def parse_request(body: Any, chat: bool, catalog: Catalog, defaults: GenerationC
         raise _bad(f"n={n} x {len(queries)} prompt(s) is over the limit of {MAX_CHOICES} choices per request", "n")
     temperature = _number(body, "temperature", defaults.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]")
     top_p = _number(body, "top_p", defaults.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    seed = _number(body, "seed", None, lambda v: abs(v) <= MAX_SEED, f"an integer in [-2**40, 2**40]", integer=True)
+    seed = _number(body, "seed", None, lambda v: abs(v) <= MAX_SEED, "an integer in [-2**40, 2**40]", integer=True)
     stop = body.get("stop")
     if stop is None:
         stop = list(defaults.stop)
@@ -340,7 +340,7 @@ def create_app(loop: BatchLoop, catalog: Catalog, defaults: GenerationConfig):
     def submit(plan: Plan) -> tuple[Job, asyncio.Queue]:
         events: asyncio.Queue = asyncio.Queue()
         aloop = asyncio.get_running_loop()
-        queries = plan.jobs_queries
+        queries = plan.choice_queries
         job = Job(queries, [item_seed(plan.seed, k) for k in range(len(queries))], plan.policy, plan.settings,
                   lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
         loop.submit(job)
@@ -359,7 +359,7 @@ def create_app(loop: BatchLoop, catalog: Catalog, defaults: GenerationConfig):
         plan = parse_request(await body_of(request), chat, catalog, defaults)
         job, events = submit(plan)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        count = len(plan.jobs_queries)
+        count = len(plan.choice_queries)
         if plan.stream:
             return StreamingResponse(stream(request, plan, job, events, rid, created, count),
                                      media_type="text/event-stream")
