@@ -169,15 +169,14 @@ class BatchLoop:
                 continue
             try:
                 engine = SwitchEngine(self.engine.pool, job.settings, self.engine.backend)
-                seqs = engine.start(job.queries, job.seeds)
-                prompts = [check_context(engine, seq) for seq in seqs]
+                seqs = engine.start(job.queries, job.seeds)  # a query too long for a model's context: InputError
             except Exception as exc:
                 self._fail({job}, exc)
                 continue
-            key = settings_key(job.settings)
-            for i, (seq, prompt) in enumerate(zip(seqs, prompts)):
+            key, aligned = settings_key(job.settings), engine.pool.aligned_index
+            for i, seq in enumerate(seqs):
                 self._held.add(seq)
-                self.live.append(_Live(job, i, seq, engine, key, prompt_tokens=prompt))
+                self.live.append(_Live(job, i, seq, engine, key, prompt_tokens=seq.views[aligned].prompt_len))
 
     def _round(self) -> None:
         undecided: dict[tuple, list[_Live]] = {}
@@ -261,15 +260,3 @@ class BatchLoop:
                 keep.append(e)
         self.live = keep
 
-
-def check_context(engine: SwitchEngine, seq: SwitchSequence) -> int:
-    """The aligned model's prompt length; an :class:`InputError` when a prompt plus the response would not fit
-    a model's context."""
-    budget = engine.patches * engine.cfg.patch_size
-    for cand, view in zip(engine.pool.candidates, seq.views):
-        config = getattr(getattr(cand, "model", None), "config", None)
-        limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None) if config else None
-        if limit and len(view.ids) + budget > limit:
-            raise InputError(f"the prompt is {len(view.ids)} tokens for {cand.name}: with max_tokens={budget} it "
-                             f"exceeds the model's context of {limit} tokens")
-    return len(seq.views[engine.pool.aligned_index].ids)
