@@ -12,7 +12,8 @@ Pools: by default three tiny random same-tokenizer models (``switchkit.testing``
 of wall time; ``cpu_ratio_vs_generate`` compares CPU time of this process instead, which other jobs on a shared
 machine disturb less.
 
-Usage: ``python bench/serve.py [--recipe demo] [--prompts N] [--quick]``. The last line printed is one JSON object.
+Usage: ``python bench/serve.py [--recipe demo [KEY=VALUE ...]] [--prompts N] [--quick]``. In bfloat16 (the demo's
+default) a batch's shape changes sampled tokens, so ``same_outputs`` needs ``pool.dtype=float32``. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def tiny_setup(root: Path, prompts: int, quick: bool) -> tuple[Recipe, SwitchEng
                                                           for i in range(prompts)]
 
 
-def recipe_setup(name: str, prompts: int) -> tuple[Recipe, SwitchEngine, list[str]]:
-    recipe = load_recipe(name, [f"eval.limit={prompts}"])
+def recipe_setup(name: str, prompts: int, overrides: list[str]) -> tuple[Recipe, SwitchEngine, list[str]]:
+    recipe = load_recipe(name, [f"eval.limit={prompts}", *overrides])
     tasks = load_tasks(recipe.eval.tasks or recipe.tasks, splits=recipe.eval.splits, limit=prompts)
     queries = [e.query for t in tasks for e in t.examples][:prompts]
     return recipe, SwitchEngine(load_pool(recipe.pool), recipe.generation), queries
@@ -111,11 +112,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="the served model (default: switch if exported, else untuned)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for every variant")
     parser.add_argument("--quick", action="store_true", help="tiny pool: smaller models and responses")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides (with --recipe), e.g. pool.dtype=float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.recipe:
-            recipe, engine, queries = recipe_setup(args.recipe, args.prompts or 16)
+            recipe, engine, queries = recipe_setup(args.recipe, args.prompts or 16, args.overrides)
         else:
             recipe, engine, queries = tiny_setup(Path(tmp), args.prompts or 32, args.quick)
         with serving(recipe, engine) as (app, loop, catalog), running(app) as url:
@@ -140,7 +142,8 @@ def main() -> None:
         "same_outputs": same,
         "settings": {"pool": args.recipe or "tiny", "model": model, "prompts": len(queries),
                      "max_new_tokens": recipe.generation.max_new_tokens, "patch_size": recipe.generation.patch_size,
-                     "batch_size": recipe.generation.batch_size, "threads": args.threads, "quick": args.quick},
+                     "batch_size": recipe.generation.batch_size, "threads": args.threads, "quick": args.quick,
+                     "overrides": args.overrides},
     }))
 
 
