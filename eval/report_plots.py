@@ -152,7 +152,8 @@ def plot_cost_quality(rep: dict, path: Path) -> bool:
             errors = [[y - 100 * p["ci95"][0] for y, p in zip(ys, pts)], [100 * p["ci95"][1] - y for y, p in zip(ys, pts)]]
         drawn = ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, elinewidth=0.8,
                             label=f"{line['method']} ({line['key']})")
-        drawn[-1][0].set_alpha(0.35)  # the CI bars stay behind the curve
+        for bars in drawn[-1]:  # the CI bars (none over several tasks) stay behind the curve
+            bars.set_alpha(0.35)
         _annotate(ax, xs, ys, [f"{p['value']:g}" for p in pts], 4, fontsize=8)
     refs = rep["sweep"]["reference"]
     xs, ys = [100 * p["share"][aligned] for p in refs], [100 * p["score"] for p in refs]

@@ -6,6 +6,7 @@ import pytest
 
 from switchkit.config import ConfigError, load_recipe
 from switchkit.eval.methods import Method
+from switchkit.eval.report_plots import plot_cost_quality
 from switchkit.eval.report import report_command
 from switchkit.eval.run import eval_command
 from switchkit.io import read_jsonl
@@ -75,3 +76,15 @@ def test_sweep_errors_name_the_key(sweep_recipe):
             load_recipe(str(sweep_recipe), [SWEEP[0], f"eval.sweep={bad}"])
     with pytest.raises(ConfigError, match=r"eval.sweep=switcher.top_p:0,0.5: switcher.top_p=0.0 is out of range"):
         eval_command(load_recipe(str(sweep_recipe), [SWEEP[0], "eval.sweep=switcher.top_p:0,0.5"]))
+
+
+def test_the_curve_over_several_tasks_has_no_ci_bars(tmp_path):
+    """Over several tasks a point's score is a mean of task means, without a CI: the curve is drawn without bars."""
+    point = lambda v, share: {"value": v, "method": f"switch[aligned_bias={v}]", "score": 0.5, "ci95": None,
+                              "share": share}
+    rep = {"pool": [{"name": "base", "role": "pretrained", "index": 0}, {"name": "chat", "role": "aligned", "index": 1}],
+           "sweep": {"lines": [{"method": "switch", "key": "aligned_bias", "points": [point(-1, [0.6, 0.4]),
+                                                                                        point(1, [0.1, 0.9])]}],
+                     "reference": [{"method": "single:base", "score": 0.4, "ci95": None, "share": [1.0, 0.0]}]}}
+    assert plot_cost_quality(rep, tmp_path / "cost_quality.png")
+    assert (tmp_path / "cost_quality.png").stat().st_size > 0
