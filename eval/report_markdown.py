@@ -69,6 +69,15 @@ def _sweep(rep: dict) -> list[str]:
                         body)
 
 
+def render_pooled(result: dict) -> str:
+    """The answer of several runs of one recipe: each run's, then all pooled."""
+    out = [f"# The answer over {len(result['runs'])} runs", ""]
+    for run in result["runs"]:
+        out += ["", f"## Run `{run['run']}`"] + _answer(run)[2:]
+    out += ["", "## All runs pooled"] + _answer(result["pooled"])[2:]
+    return "\n".join(out) + "\n"
+
+
 def render_markdown(rep: dict, plots: list[str]) -> str:
     """The report as Markdown: the paper's tables, best in bold, then the analyses and plots."""
     cols, scores, labels = rep["columns"], rep["scores"], rep["labels"]
