@@ -21,7 +21,7 @@ import numpy as np
 
 from switchkit.io import InputError, atomic_path, check_output, read_jsonl, write_json_atomic, write_text_atomic
 
-from . import analysis
+from . import analysis, sweep
 from .report_markdown import render_markdown
 from .report_plots import PLOTS
 
@@ -222,6 +222,7 @@ def build_report(eval_dir: Path) -> dict:
         "scores": dict(scores), "average": average, "best": best, "significance": significance,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
         "positions": positions, "model_share": share, "first_patch": first_patch,
+        "sweep": sweep.curve(methods, rows, scores, columns, n_models),
     }
 
 

@@ -192,6 +192,11 @@ _command(
     "eval", "switchkit.eval.run:eval_command", ("overwrite",),
     "Evaluate methods x tasks x splits: recipe=NAME [overwrite=true] [key=value ...]. " + OVERWRITE,
 )
+_command(
+    "serve", "switchkit.serve:serve_command", ("switcher", "host", "port"),
+    "Serve switch generation behind an OpenAI-compatible API: recipe=NAME [switcher=DIR] [host=127.0.0.1] "
+    "[port=8000] [key=value ...].",
+)
 
 
 @main.command(context_settings=CONTEXT)
