@@ -28,9 +28,11 @@ FORMAT_VERSION = 2
 def fingerprint(recipe: Recipe) -> str:
     """A hash of everything that determines the records (pool, generation, tasks, synthesis settings)."""
     cfg = to_dict(recipe)
-    synthesis = {k: v for k, v in cfg["synthesis"].items() if k not in ("shard", "num_shards", "output", "format")}
+    synthesis = {k: v for k, v in cfg["synthesis"].items()
+                 if k not in ("shard", "num_shards", "output", "format", "max_in_flight", "executor")}
     pool = {k: v for k, v in cfg["pool"].items() if k != "cache_dir"}
-    key = {"version": FORMAT_VERSION, "pool": pool, "generation": cfg["generation"], "tasks": cfg["tasks"],
+    generation = {k: v for k, v in cfg["generation"].items() if k != "vllm"}  # engine settings, not results
+    key = {"version": FORMAT_VERSION, "pool": pool, "generation": generation, "tasks": cfg["tasks"],
            "synthesis": synthesis}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -43,7 +43,7 @@ def run_synthesis(recipe: Recipe, progress: bool = True) -> Path:
     mine = [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
     todo = [c for c in mine if not chunk_file(directory, c).is_file()]
     if todo:
-        pool = load_pool(recipe.pool)
+        pool = load_pool(recipe.pool, recipe.generation.backend)
         engine = SwitchEngine(pool, recipe.generation)
         total = sum(len(chunks[c]) for c in mine)
         bar = tqdm(total=total, initial=total - sum(len(chunks[c]) for c in todo), unit="record",

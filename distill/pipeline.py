@@ -49,7 +49,7 @@ def generate_pairs(recipe: Recipe) -> list[dict]:
         for task, switcher, out, expected in plans:
             policy = generate = None
             if not is_finished(out, expected):  # the pool loads only when something is left to generate
-                engine = engine or SwitchEngine(load_pool(recipe.pool), recipe.generation)
+                engine = engine or SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
                 policy = make_policy(recipe, engine, "trained", str(switcher))
                 generate = scored(task, engine_generate(engine, policy))
             rows += [{**r, "task": task.name} for r in run_items(

@@ -116,7 +116,7 @@ class SwitchEngine:
     def __init__(self, pool: Pool, generation: GenerationConfig, backend: Optional[Backend] = None):
         self.pool = pool
         self.cfg = generation
-        self.backend = backend or make_backend(generation.backend, pool)
+        self.backend = backend or make_backend(generation.backend, pool, generation)
         self.token_level = pool.mode == "token"
         self.eos = [c.eos_token_ids for c in pool.candidates]
         self.stop_len = max((len(s) for s in generation.stop), default=0)

@@ -75,7 +75,7 @@ def fingerprint(recipe: Recipe, switcher: bool = True, **extra) -> dict:
     do not depend on them, e.g. a single model's), and ``extra``."""
     cfg = to_dict(recipe)
     pool = {k: v for k, v in cfg["pool"].items() if k != "cache_dir"}
-    generation = {k: v for k, v in cfg["generation"].items() if k != "batch_size"}
+    generation = {k: v for k, v in cfg["generation"].items() if k not in ("batch_size", "vllm")}
     return {"version": RUNNER_VERSION, "pool": pool, "generation": generation,
             "switcher": cfg["switcher"] if switcher else None, **extra}
 
@@ -201,7 +201,7 @@ def generate_command(recipe: Recipe, input: Optional[str] = None, output: Option
     if is_finished(out, expected):
         print(f"generate: {out} is up to date")
         return
-    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
     policy = make_policy(recipe, engine)
     with tqdm(total=len(items), unit="query", desc="generate") as bar:
         run_items(out, items, engine_generate(engine, policy), seed=recipe.generation.seed,
