@@ -88,6 +88,11 @@ def eval_command(recipe: Recipe) -> dict:
     pending = [cell for cell in generated if not is_finished(cell[3], cell[4])]
     for method, task, *_ in pending:
         method.check(task.name)
+    if recipe.eval.executor == "ray" and pending:  # generate them as Ray tasks; the loop below reads them back
+        from .executor import run_cells_on_ray
+
+        run_cells_on_ray(recipe, [(m.name, t.name, t.split, seed) for m, t, seed, *_ in pending])
+        pending = [cell for cell in generated if not is_finished(cell[3], cell[4])]
     ctx, cells, rows_of = Context(recipe), [], {}
     todo = {cell[3] for cell in pending}
     with tqdm(total=sum(len(t) for _, t, *_ in pending), desc="eval", unit="ex", disable=not pending) as bar:

@@ -227,6 +227,9 @@ class SwitchEngine:
             reason = "stop"
         if reason:
             seq.done, seq.finish_reason = True, reason
+            for v in seq.views:  # a finished sequence frees its caches at once
+                v.state = None
+            seq.states.clear()
 
     def _cut_at_stop(self, seq: SwitchSequence, searched: int) -> bool:
         """Cut the response before the first stop string (which may begin in an earlier segment)."""
