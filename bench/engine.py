@@ -20,8 +20,10 @@ For each backend in ``--backend`` (``hf``, ``vllm`` or ``hf,vllm`` for both in o
   public reference code, re-encodes the whole context for every patch (vLLM: prefix cache reset before each call)
   and picks the writer by generating 50 tokens with the switcher and searching them for a digit.
 
-Times are wall-clock; the variants run interleaved, ``--repeats`` times, and the fastest of each counts, so load
-from other jobs affects all of them alike. The vLLM prefix cache is reset before every timed run.
+Times are this process's CPU time by default (``--clock wall`` for wall-clock) with ``--threads`` compute threads
+(default 1, for torch and for vLLM's CPU workers): on a shared machine other jobs do not inflate CPU time the way
+they inflate wall time. The variants run interleaved, ``--repeats`` times, and the fastest of each counts. The vLLM
+prefix cache is reset before every timed run.
 
 Usage: ``python bench/engine.py [--backend hf,vllm] [--model DIR] [--quick]``. The last line printed is JSON.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tempfile
 import time
@@ -44,7 +47,7 @@ from switchkit.policies import SinglePolicy, SwitcherPolicy
 from switchkit.prompt import build_prompt, get_format
 from switchkit.testing import build_tokenizer, save_tiny_model
 
-CLOCK = time.perf_counter
+CLOCK = time.process_time  # --clock: cpu (this process's CPU time, default) or wall
 
 QUERIES = [
     "What is the capital of France?", "What is the capital of Canada?", "Solve 12 + 30.",
@@ -223,11 +226,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every candidate on it)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each variant; the best counts")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads (torch and vLLM's CPU workers)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="CPU time of this process, or wall")
     parser.add_argument("--quick", action="store_true", help="short responses, batch 4 and 8, one repeat")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
     args.max_new = args.max_new or (48 if args.quick else 128)
     args.patch = args.patch or (16 if args.quick else 32)
     args.batches = [4, 8] if args.quick and args.batches == "8,32" else [int(b) for b in args.batches.split(",")]
@@ -240,8 +246,8 @@ def main() -> None:
         results = {b: bench_backend(b, model_dir, args) for b in args.backend.split(",")}
     print(json.dumps({**results, "settings": {
         "model": args.model or "tiny random Llama (6 layers, hidden 256)", "candidates": args.candidates,
-        "max_new_tokens": args.max_new, "patch_size": args.patch, "batches": args.batches, "dtype": args.dtype, "device": args.device,
-        "repeats": args.repeats, "threads": torch.get_num_threads(), "clock": "wall"}}))
+        "max_new_tokens": args.max_new, "patch_size": args.patch, "batches": args.batches, "dtype": args.dtype,
+        "device": args.device, "repeats": args.repeats, "threads": args.threads, "clock": args.clock}}))
 
 
 if __name__ == "__main__":

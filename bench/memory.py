@@ -8,7 +8,8 @@ of one task. Two set-ups:
   flight (and their caches) grow with the records; with ``max_in_flight`` they do not.
 - ``--recipe demo`` (or any recipe): the recipe as it is, at each ``--records`` count (``records_per_task``).
 
-The JSON gives, per run, peak MiB, seconds and generated tokens/s, plus ``peak_ratio`` (peak at the most records
+The JSON gives, per run, peak MiB, seconds, CPU seconds (one torch thread: other jobs on a shared machine do not
+inflate it) and generated tokens per CPU second, plus ``peak_ratio`` (peak at the most records
 over peak at the fewest, bounded runs) and ``throughput_ratio_bounded_vs_unbounded`` (tokens/s at the most records).
 
     python bench/memory.py [--quick]
@@ -29,6 +30,8 @@ from pathlib import Path
 
 def child(args) -> None:
     """One synthesis run in this process; prints its JSON line."""
+    import torch
+
     from switchkit.config import load_recipe
     from switchkit.data_synthesis.synthesize import run_synthesis
 
@@ -38,12 +41,13 @@ def child(args) -> None:
     if args.recipe is None:
         overrides.append(f"synthesis.chunk_size={args.records}")
     recipe = load_recipe(args.recipe or str(Path(args.root) / "recipe.yaml"), overrides + args.override)
-    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    start, cpu = time.perf_counter(), time.process_time()
     out = run_synthesis(recipe, progress=False)
-    seconds = time.perf_counter() - start
-    stats = json.loads((out.parent / "stats.json").read_text())
-    print(json.dumps({"records": args.records, "max_in_flight": args.limit, "seconds": round(seconds, 1),
-                      "tokens": stats["tokens_generated"], "tokens_per_s": round(stats["tokens_generated"] / seconds, 1),
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = json.loads((out.parent / "stats.json").read_text())["tokens_generated"]
+    print(json.dumps({"records": int(args.records), "max_in_flight": args.limit, "seconds": round(seconds, 1),
+                      "cpu_seconds": round(cpu, 1), "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
                       "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
@@ -75,9 +79,11 @@ synthesis: {{k: {4 if quick else 8}, tie_rule: lowest}}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=None, help="a recipe (default: three tiny models, one chunk per run)")
-    parser.add_argument("--records", default=None, help="comma-separated records_per_task (default 8,32; quick 4,16)")
+    parser.add_argument("--records", type=str, default=None,
+                        help="comma-separated records_per_task (default 8,32; quick 4,16)")
     parser.add_argument("--max-in-flight", type=int, default=None, help="the bound (default 48; quick 24)")
     parser.add_argument("--no-unbounded", action="store_true", help="skip the runs without a bound")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (CPU time is the clock)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -94,7 +100,8 @@ def main() -> None:
             tiny_recipe(Path(tmp), args.quick)
         for r in records:
             for limit in ([bound] if args.no_unbounded else [None, bound]):
-                cmd = [sys.executable, __file__, "--child", "--root", tmp, "--records", str(r), *args.override]
+                cmd = [sys.executable, __file__, "--child", "--root", tmp, "--records", str(r),
+                       "--threads", str(args.threads), *args.override]
                 cmd += ["--recipe", args.recipe] if args.recipe else []
                 cmd += ["--limit", str(limit)] if limit else []
                 done = subprocess.run(cmd, capture_output=True, text=True)
@@ -109,7 +116,7 @@ def main() -> None:
     if unbounded:
         result["peak_ratio_unbounded"] = round(unbounded[-1]["peak_mib"] / unbounded[0]["peak_mib"], 3)
         result["throughput_ratio_bounded_vs_unbounded"] = round(
-            bounded[-1]["tokens_per_s"] / unbounded[-1]["tokens_per_s"], 3)
+            bounded[-1]["tokens_per_cpu_s"] / unbounded[-1]["tokens_per_cpu_s"], 3)
     print(json.dumps(result))
 
 

@@ -73,6 +73,18 @@ def _environ(**values: Optional[str]):
                 os.environ[k] = v
 
 
+def physical_gpu(index: int) -> str:
+    """The GPU that ``cuda:index`` names here, as ``CUDA_VISIBLE_DEVICES`` would give it to a child process (a Ray
+    task, for one, sees only its own GPUs, renumbered from 0)."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ConfigError(f"cuda:{index} is not among the {len(visible)} visible GPUs (CUDA_VISIBLE_DEVICES="
+                          f"{','.join(visible)}): set pool.candidates.N.device within them")
+    return visible[index]
+
+
 def adapter_rank(folder: Path) -> int:
     """The LoRA rank an engine needs for the peft adapter in ``folder`` (the next rank vLLM accepts)."""
     config_file = Path(folder) / "adapter_config.json"
@@ -173,7 +185,7 @@ class VLLMBackend(Backend):
             args["gpu_memory_utilization"] = engine.memory
             if opt.block_size:
                 args["block_size"] = opt.block_size
-            env["CUDA_VISIBLE_DEVICES"] = str(engine.device.index or 0)  # the engine core process sees its GPU only
+            env["CUDA_VISIBLE_DEVICES"] = physical_gpu(engine.device.index or 0)  # its engine core sees that GPU only
         if engine.lora_rank:
             slots = engine.lora_capacity + 1  # one slot stays empty: see the module docstring
             args.update(enable_lora=True, max_lora_rank=engine.lora_rank, max_loras=slots, max_cpu_loras=slots)
@@ -213,11 +225,11 @@ class VLLMBackend(Backend):
     def add_model(self, source, gguf_file=None):
         from .models import load_tokenizer
 
-        ref = self.engines[self.pool.aligned_index]
-        path, tokenizer, _ = load_tokenizer(source, gguf_file=gguf_file)
         if not self.on_cpu:
             raise ConfigError("generation.backend=vllm on GPUs: a switcher that is a model of its own would need its "
                               "own GPU share; train it as a LoRA adapter on a pool candidate")
+        ref = self.engines[self.pool.aligned_index]
+        path, tokenizer, _ = load_tokenizer(source, gguf_file=gguf_file)
         self.engines.append(_Engine(path, ref.device, ref.dtype, ref.memory))
         return self._new_slot(len(self.engines) - 1, None), tokenizer
 

@@ -235,3 +235,30 @@ switcher: {{policy: random}}
                          output=str(out))
         rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows["hf"] == rows["vllm"]  # greedy and the same seeds: the same records, field for field
+
+
+def test_vllm_is_a_backend_name_without_vllm_installed(dirs, monkeypatch):
+    """The name validates and the pool loads tokenizers only, with or without vLLM; without it, building the backend
+    is a one-line error naming the install."""
+    from switchkit.config import ConfigError, Recipe, validate
+    from switchkit import vllm_backend
+
+    validate(Recipe(generation=GenerationConfig(backend="vllm")))
+    pool = load_pool(pool_config(dirs), "vllm")
+    assert [c.model for c in pool.candidates] == [None, None] and pool[1].path == str(dirs["aligned"])
+    assert pool[1].eos_token_ids == {pool[1].tokenizer.eos_token_id}
+    monkeypatch.setattr(vllm_backend, "vllm_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"needs vLLM, which is not installed: pip install"):
+        SwitchEngine(pool, GenerationConfig(backend="vllm"))
+
+
+def test_gpu_placement_follows_the_visible_devices(monkeypatch):
+    from switchkit.config import ConfigError
+    from switchkit.vllm_backend import physical_gpu
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert physical_gpu(2) == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")  # e.g. a Ray task's three GPUs
+    assert [physical_gpu(i) for i in range(3)] == ["3", "5", "6"]
+    with pytest.raises(ConfigError, match="cuda:3 is not among the 3 visible GPUs"):
+        physical_gpu(3)
