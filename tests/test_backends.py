@@ -262,3 +262,17 @@ def test_gpu_placement_follows_the_visible_devices(monkeypatch):
     assert [physical_gpu(i) for i in range(3)] == ["3", "5", "6"]
     with pytest.raises(ConfigError, match="cuda:3 is not among the 3 visible GPUs"):
         physical_gpu(3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("synthesis.max_in_flight=0", "synthesis.max_in_flight=0 is out of range"),
+    ("pool.candidates.1.memory=1.5", "pool.candidates.1.memory=1.5 is out of range"),
+    ("generation.vllm.kv_cache_gb=0", "generation.vllm.kv_cache_gb=0.0 is out of range"),
+    ("synthesis.executor=spark", "bad value for 'synthesis.executor'"),
+    ("generation.backend=tgi", "generation.backend='tgi' is unknown: allowed are hf, vllm"),
+])
+def test_scale_settings_are_checked(override, message):
+    from switchkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe("demo", [override])
