@@ -2,7 +2,8 @@
 
 Pool: ``--candidates`` copies of one model (``--model DIR``: a real HF folder such as the demo's cached SmolLM2;
 default: a tiny random Llama built with ``switchkit.testing``), so every candidate is its own slot with its own
-cache. Policy: the untuned switcher (the aligned candidate given the v1 prompt, sharing its weights), top-p 0.7;
+cache. Policy (``--policy``): the untuned switcher (the aligned candidate given the v1 prompt, sharing its
+weights; top-p 0.7), or uniform random switching (no decision cost: the engine's own switching overhead);
 writers decode greedily. EOS is ignored everywhere, so every variant writes exactly ``--max-new`` tokens per query.
 
 For each backend in ``--backend`` (``hf``, ``vllm`` or ``hf,vllm`` for both in one run) and each batch B in
@@ -43,11 +44,12 @@ import torch
 from switchkit.config import CandidateConfig, GenerationConfig, PoolConfig, VLLMConfig
 from switchkit.engine import SwitchEngine
 from switchkit.models import encode_query, load_pool
-from switchkit.policies import SinglePolicy, SwitcherPolicy
+from switchkit.policies import RandomPolicy, SinglePolicy, SwitcherPolicy
 from switchkit.prompt import build_prompt, get_format
 from switchkit.testing import build_tokenizer, save_tiny_model
 
 CLOCK = time.process_time  # --clock: cpu (this process's CPU time, default) or wall
+POLICY = "untuned"  # --policy: untuned (the aligned model as switcher, one forward per decision) or random
 
 QUERIES = [
     "What is the capital of France?", "What is the capital of Canada?", "Solve 12 + 30.",
@@ -146,9 +148,11 @@ def naive_generate(plain: Plain, qs: list[str], patch: int, max_new: int, switch
 
 
 def switch_generate(plain: Plain, qs: list[str], policy=None) -> tuple[float, int, float]:
-    """Seconds and tokens for the engine (default policy: the untuned switcher); also the mean batch per write."""
+    """Seconds and tokens for the engine (default policy: ``--policy``); also the mean batch per write."""
     engine = plain.engine
     aligned = engine.pool[engine.pool.aligned_index]
+    if policy is None and POLICY == "random":
+        policy = RandomPolicy()
     policy = policy or SwitcherPolicy(engine, aligned.index, aligned.tokenizer, get_format("v1"), top_p=0.7)
     batches = []
     write = engine.write
@@ -228,10 +232,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each variant; the best counts")
     parser.add_argument("--threads", type=int, default=1, help="compute threads (torch and vLLM's CPU workers)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="CPU time of this process, or wall")
+    parser.add_argument("--policy", choices=["untuned", "random"], default="untuned",
+                        help="who writes: the untuned switcher (a forward pass per decision) or uniform random")
     parser.add_argument("--quick", action="store_true", help="short responses, batch 4 and 8, one repeat")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, POLICY
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    POLICY = args.policy
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
     args.max_new = args.max_new or (48 if args.quick else 128)
@@ -247,7 +254,8 @@ def main() -> None:
     print(json.dumps({**results, "settings": {
         "model": args.model or "tiny random Llama (6 layers, hidden 256)", "candidates": args.candidates,
         "max_new_tokens": args.max_new, "patch_size": args.patch, "batches": args.batches, "dtype": args.dtype,
-        "device": args.device, "repeats": args.repeats, "threads": args.threads, "clock": args.clock}}))
+        "device": args.device, "repeats": args.repeats, "threads": args.threads, "clock": args.clock,
+        "policy": args.policy}}))
 
 
 if __name__ == "__main__":
