@@ -48,9 +48,10 @@ def switcher_records(count: int, n: int = 2) -> list[dict]:
     return rows
 
 
-def zero_step(stage: int, root: Path, pool: list[Path]) -> dict:
+def zero_step(stage: int, root: Path, pool: list[Path], cpu: bool = False) -> dict:
     """One short ZeRO-``stage`` fit of a LoRA switcher in bf16, exported, reloaded through the engine (a LoRA adapter
-    on the aligned candidate), and its decisions compared with the trained module's."""
+    on the aligned candidate), and its decisions compared with the trained module's. ``cpu``: the same steps with
+    the ``auto`` strategy in fp32 on CPU (a dry run of everything but DeepSpeed)."""
     from switchkit.config import GenerationConfig
     from switchkit.engine import SwitchEngine
     from switchkit.models import load_pool
@@ -64,9 +65,10 @@ def zero_step(stage: int, root: Path, pool: list[Path]) -> dict:
     recipe_file.write_text(json.dumps({
         "name": f"zero{stage}", "run_dir": str(root / f"run{stage}"),
         "pool": {"candidates": [{"source": str(pool[0]), "role": "pretrained"},
-                                {"source": str(pool[1]), "role": "aligned"}], "device": "cuda", "dtype": "bfloat16"},
-        "train": {"strategy": f"deepspeed_stage_{stage}", "precision": "bf16-mixed", "devices": "1", "epochs": 1,
-                  "lr": 1e-3, "batch_size": 16, "micro_batch_size": 8, "val_fraction": 0.25, "max_length": 64,
+                                {"source": str(pool[1]), "role": "aligned"}],
+                 "device": "cpu" if cpu else "cuda", "dtype": "float32" if cpu else "bfloat16"},
+        "train": {"strategy": "auto" if cpu else f"deepspeed_stage_{stage}",
+                  "precision": "32-true" if cpu else "bf16-mixed", "devices": "1", "epochs": 1, "lr": 1e-3, "batch_size": 16, "micro_batch_size": 8, "val_fraction": 0.25, "max_length": 64,
                   "lora": {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}}))
     recipe = load_recipe(str(recipe_file))
     module, metrics, trainer = fit_switcher(recipe, [data], progress=False)
@@ -74,7 +76,8 @@ def zero_step(stage: int, root: Path, pool: list[Path]) -> dict:
     module_probs = module.decide_probs([build_prompt(q, [], 2) for q in queries]).float().cpu()
     out = export_switcher(module, trainer, recipe, metrics, str(pool[1]), root / f"switcher{stage}")
     del module, trainer
-    torch.cuda.empty_cache()
+    if not cpu:
+        torch.cuda.empty_cache()
     engine = SwitchEngine(load_pool(recipe.pool), GenerationConfig())
     policy = load_switcher(engine, str(out))
     # the exported switcher, as the engine runs it, reads the same prompts the module was asked about
@@ -86,17 +89,19 @@ def zero_step(stage: int, root: Path, pool: list[Path]) -> dict:
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "no CUDA device"
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    cpu = "--cpu-dry-run" in sys.argv  # everything but CUDA and DeepSpeed, to check the script on a CPU machine
+    assert cpu or torch.cuda.is_available(), "no CUDA device"
+    result = {"device": "cpu (dry run)" if cpu else torch.cuda.get_device_name(0), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = build_tokenizer(300)
-        big = save_tiny_model(root / "engine-model", tok, layers=12, hidden=1024, heads=16)  # ~150M parameters
-        result["engine_bf16_cuda"] = engine_ratio(big)
+        if not cpu:
+            big = save_tiny_model(root / "engine-model", tok, layers=12, hidden=1024, heads=16)  # ~150M parameters
+            result["engine_bf16_cuda"] = engine_ratio(big)
         pool = [save_tiny_model(root / f"m{i}", tok, hidden=128, heads=4, seed=i) for i in range(2)]
         for stage in (2, 3):
             try:
-                result[f"zero{stage}"] = zero_step(stage, root, pool)
+                result[f"zero{stage}"] = zero_step(stage, root, pool, cpu)
             except Exception as exc:  # report and go on to the next check
                 result[f"zero{stage}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     print(json.dumps(result))

@@ -7,7 +7,8 @@
 # git). Make them first on a machine with network (about 10 MB; DeepSpeed is built as a pure-Python wheel whose
 # ops compile at run time):   bash bench/gpu_check.sh --download
 # then carry .whl/ to the GPU machine beside the work tree and run:   bash bench/gpu_check.sh
-# It prints one JSON line and runs in about 3-5 minutes.
+# It prints one JSON line and runs in about 3-5 minutes. `python bench/gpu_check.py --cpu-dry-run` runs the training,
+# export and reload steps on CPU (fp32, no DeepSpeed), to check the script without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--download" ]; then

@@ -60,7 +60,8 @@ def tiny_recipe(root: Path, quick: bool) -> Path:
     task = root / "qa.jsonl"
     task.write_text("".join(json.dumps({"input": f"What is the capital of country {i}?", "output": "Paris"}) + "\n"
                             for i in range(16)))
-    cands = "\n".join(f"    - {{source: '{d}', role: {r}}}" for d, r in zip(dirs, ["pretrained", "finetuned", "aligned"]))
+    roles = ["pretrained", "finetuned", "aligned"]
+    cands = "\n".join(f"    - {{source: '{d}', role: {r}}}" for d, r in zip(dirs, roles))
     path = root / "recipe.yaml"
     path.write_text(f"""name: memory-bench
 pool:
