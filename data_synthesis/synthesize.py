@@ -20,17 +20,20 @@ from switchkit.config import ConfigError, Recipe
 from switchkit.io import write_json_atomic
 from switchkit.engine import SwitchEngine
 from switchkit.executors import run_on_ray
-from switchkit.models import load_pool
+from switchkit.models import check_sources, load_pool
 from switchkit.tasks import load_tasks
 
 from .labels import format_stats
 from .plan import plan
 from .rollouts import run_chunk
-from .store import check_manifest, chunk_file, finalize, merge_shards
+from .store import check_work, chunk_file, finalize, manifest, merge_shards, start_work
 
 
-def run_synthesis(recipe: Recipe, progress: bool = True) -> Path:
-    """Synthesize this run's records (all, or one shard) and return the data file; resumes finished chunks."""
+def run_synthesis(recipe: Recipe, progress: bool = True, overwrite: bool = False) -> Path:
+    """Synthesize this run's records (all, or one shard) and return the data file; resumes finished chunks.
+
+    Before the pool loads: the tasks, the models' sources and the synthesis folder are checked (another job's
+    work, or a folder that is not a synthesis folder, is an error unless ``overwrite``)."""
     directory = synthesis_dir(recipe)
     out = synthesis_shard_data(recipe)
     if len(recipe.pool.candidates) < 2:
@@ -40,36 +43,39 @@ def run_synthesis(recipe: Recipe, progress: bool = True) -> Path:
                           f"and a divergent patch: synthesis needs at least 2 x generation.patch_size tokens")
     tasks = load_tasks(recipe.tasks, trust_remote_code=recipe.pool.trust_remote_code)
     chunks = plan(recipe, [len(t.examples) for t in tasks])
-    check_manifest(directory, recipe, len(chunks))
+    check_sources(recipe.pool)
+    expected = manifest(recipe, tasks, len(chunks))
+    state = check_work(directory, expected, overwrite)
     s = recipe.synthesis
-    if s.executor == "ray":  # every shard as a Ray task, then one dataset from all chunks
-        mine, out = list(range(len(chunks))), synthesis_data(recipe)
-        todo = [c for c in mine if not chunk_file(directory, c).is_file()]
-        if todo:
-            shards = [replace(recipe, synthesis=replace(s, shard=i, executor="local")) for i in range(s.num_shards)]
-            run_on_ray(recipe.ray, make_chunks, [(shard, False) for shard in shards], "synthesize")
-    else:
-        mine = [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
-        todo = [c for c in mine if not chunk_file(directory, c).is_file()]
-        if todo:
-            make_chunks(recipe, progress, tasks, chunks)
-    if not todo and out.is_file():
+    ray = s.executor == "ray"  # every shard as a Ray task, then one dataset from all chunks
+    mine = list(range(len(chunks))) if ray else [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
+    out = synthesis_data(recipe) if ray else out
+    todo = [c for c in mine if not (state == "resume" and chunk_file(directory, c).is_file())]
+    if todo and ray:
+        start_work(directory, expected, state)
+        shards = [replace(recipe, synthesis=replace(s, shard=i, executor="local"))
+                  for i in range(s.num_shards) if any(c % s.num_shards == i for c in todo)]
+        run_on_ray(recipe.ray, make_chunks, [(shard, False) for shard in shards], "synthesize")
+    elif todo:
+        make_chunks(recipe, progress, tasks, chunks, start=(expected, state))
+    elif out.is_file():
         return out
     finalize(directory, recipe, mine, out)
     return out
 
 
-def make_chunks(recipe: Recipe, progress: bool = True, tasks=None, chunks=None) -> None:
-    """Make this shard's unfinished chunks (a Ray task of ``synthesis.executor=ray`` calls it with the recipe)."""
+def make_chunks(recipe: Recipe, progress: bool = True, tasks=None, chunks=None, start=None) -> None:
+    """Make this shard's unfinished chunks (a Ray task of ``synthesis.executor=ray`` calls it with the recipe).
+    ``start``: (manifest, state of :func:`check_work`) for :func:`start_work` once the pool has loaded."""
     directory, s = synthesis_dir(recipe), recipe.synthesis
     tasks = tasks or load_tasks(recipe.tasks, trust_remote_code=recipe.pool.trust_remote_code)
     chunks = chunks or plan(recipe, [len(t.examples) for t in tasks])
+    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
+    engine.check_queries([e.query for t in tasks for e in t.examples], [e.id for t in tasks for e in t.examples])
+    if start is not None:
+        start_work(directory, *start)
     mine = [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
     todo = [c for c in mine if not chunk_file(directory, c).is_file()]
-    if not todo:
-        return
-    pool = load_pool(recipe.pool, recipe.generation.backend)
-    engine = SwitchEngine(pool, recipe.generation)
     total = sum(len(chunks[c]) for c in mine)
     bar = tqdm(total=total, initial=total - sum(len(chunks[c]) for c in todo), unit="record",
                desc=f"synthesize{f' shard {s.shard}/{s.num_shards}' if s.num_shards > 1 else ''}",
@@ -84,16 +90,16 @@ def make_chunks(recipe: Recipe, progress: bool = True, tasks=None, chunks=None) 
     bar.close()
 
 
-def synthesize_command(recipe: Recipe, merge: Optional[str] = None) -> None:
+def synthesize_command(recipe: Recipe, merge: Optional[str] = None, overwrite: bool = False) -> None:
     """CLI entry: synthesize (or merge shard folders with ``merge=dir1,dir2``) and print statistics."""
     start = time.perf_counter()
     if merge is not None:
         dirs = [d for d in merge.split(",") if d]
         if not dirs:
             raise ConfigError("merge= needs a comma-separated list of shard folders")
-        out = merge_shards(recipe, dirs)
+        out = merge_shards(recipe, dirs, overwrite)
     else:
-        out = run_synthesis(recipe)
+        out = run_synthesis(recipe, overwrite=overwrite)
     stats = json.loads(stats_file(out).read_text())
     print(format_stats(stats))
     print(f"time: {time.perf_counter() - start:.1f}s")

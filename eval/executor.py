@@ -11,12 +11,13 @@ from switchkit.config import Recipe
 from switchkit.executors import run_on_ray
 
 
-def run_cells_on_ray(recipe: Recipe, cells: list[tuple[str, str, str, int]]) -> None:
-    """Generate the cells named (method, task, split, seed), one Ray task each."""
-    run_on_ray(recipe.ray, run_cell, [(recipe, *cell) for cell in cells], "eval")
+def run_cells_on_ray(recipe: Recipe, cells: list[tuple[str, str, str, int]], overwrite: bool = False) -> None:
+    """Generate the cells named (method, task, split, seed), one Ray task each (``overwrite``: as ``toolkit eval``'s,
+    a cell saved under other settings is replaced)."""
+    run_on_ray(recipe.ray, run_cell, [(recipe, *cell, overwrite) for cell in cells], "eval")
 
 
-def run_cell(recipe: Recipe, method: str, task: str, split: str, seed: int) -> None:
+def run_cell(recipe: Recipe, method: str, task: str, split: str, seed: int, overwrite: bool = False) -> None:
     """Generate one cell (a Ray task)."""
     from switchkit.artifacts import eval_dir
     from switchkit.runner import run_items, task_items
@@ -26,10 +27,10 @@ def run_cell(recipe: Recipe, method: str, task: str, split: str, seed: int) -> N
 
     chosen = next(m for m in build_methods(recipe) if m.name == method)
     data = next(t for t in eval_tasks(recipe) if t.name == task and t.split == split)
-    ctx = Context(recipe)
+    ctx = Context(recipe, sorted({(e.id, e.query) for e in data.examples}))
     try:
         run_items(cell_path(eval_dir(recipe), method, task, split, seed), task_items(data),
                   _generate(ctx, chosen, data), seed=seed, batch_size=recipe.generation.batch_size,
-                  expected=cell_fingerprint(recipe, chosen, data, seed))
+                  expected=cell_fingerprint(recipe, chosen, data, seed), overwrite=overwrite)
     finally:
         ctx.hold("", lambda: None)  # closes the policy

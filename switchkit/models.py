@@ -8,6 +8,7 @@ cached under ``<cache_dir>/gguf/``, so the second load reads safetensors instead
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from safetensors import SafetensorError
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from .config import CandidateConfig, PoolConfig, aligned_index, candidate_name
-from .io import atomic_path
+from .io import atomic_path, path_hash
 
 # name -> (how to find the GGUF file, install command)
 DEMO_MODELS = {
@@ -100,6 +102,36 @@ def resolve_source(cand: CandidateConfig, cache_dir: Path) -> tuple[str, Optiona
     return src, None
 
 
+def source_identity(cand: CandidateConfig) -> str:
+    """What a candidate's weights are, for fingerprints of saved outputs: the installed demo package's version, a
+    content hash of a local GGUF file or HF folder, or a hub id with its revision (pin ``revision`` to make a hub
+    model's outputs reproducible). Loads nothing."""
+    src = cand.source
+    if src.startswith("demo:"):
+        name = src[len("demo:"):]
+        dist = DEMO_MODELS[name][1].split()[-1] if name in DEMO_MODELS else name
+        try:
+            return f"{src} {dist}=={importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{src} (not installed)"
+    path = Path(src).expanduser()
+    if path.exists():
+        return f"{path.name} sha256:{path_hash(path / cand.gguf_file if cand.gguf_file else path)}"
+    return f"{src}@{cand.revision or 'default'}" + (f"/{cand.gguf_file}" if cand.gguf_file else "")
+
+
+def check_sources(cfg: PoolConfig, key: str = "pool.candidates") -> None:
+    """Before loading: every candidate source that names a local path exists (a hub id is checked when it loads)."""
+    for i, cand in enumerate(cfg.candidates):
+        src = cand.source
+        local = src.startswith(("/", "./", "../", "~")) or src.endswith(".gguf")
+        if local and not Path(src).expanduser().exists():
+            raise ModelLoadError(f"{key}.{i}.source={src!r} does not exist")
+        if src.startswith("demo:") and src[len("demo:"):] not in DEMO_MODELS:
+            raise ModelLoadError(f"{key}.{i}.source={src!r}: unknown demo model: allowed are "
+                                 f"{', '.join('demo:' + d for d in DEMO_MODELS)}")
+
+
 def _gguf_cache_key(directory: str, gguf_file: str) -> str:
     path = Path(directory) / gguf_file
     stat = path.stat() if path.exists() else None
@@ -133,7 +165,7 @@ def _load_errors(source: str, gguf_file: Optional[str]):
         yield
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # also corrupt weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {source!r}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
 
@@ -166,7 +198,7 @@ def _convert_gguf(directory: str, gguf_file: str, target: Path, kwargs: dict) ->
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_path(target) as tmp:
+    with atomic_path(target, overwrite=True) as tmp:  # the cache's own folder
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "switchkit_source.json").write_text(json.dumps({"gguf": str(Path(directory) / gguf_file)}))
@@ -189,6 +221,14 @@ class Candidate:
     dtype: Optional[torch.dtype] = None
     generation_config: Optional[GenerationConfig] = None
     config: Optional[CandidateConfig] = None
+    model_config: Optional[PretrainedConfig] = None  # the checkpoint's HF config when ``model`` is None
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """The longest context the model takes (``max_position_embeddings``), or None when it does not say."""
+        config = self.model.config if self.model is not None else self.model_config
+        length = getattr(config, "max_position_embeddings", None)
+        return length if isinstance(length, int) and length > 0 else None
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -286,7 +326,7 @@ def load_source(cand: CandidateConfig, cfg: PoolConfig) -> tuple[PreTrainedModel
 
 def load_pool(cfg: PoolConfig, backend: str = "hf") -> Pool:
     """Load every candidate of a pool config onto its device, for the generation backend ``backend``: the HF
-    weights only when that backend runs them (``Backend.loads_weights``), else tokenizers and EOS ids only."""
+    weights only when that backend runs them (``Backend.loads_weights``), else tokenizers, configs and EOS ids only."""
     from .backends import backend_class
 
     weights = backend_class(backend).loads_weights
@@ -296,16 +336,19 @@ def load_pool(cfg: PoolConfig, backend: str = "hf") -> Pool:
         start = time.perf_counter()
         if weights:
             model, tokenizer = load_source(cand, cfg)
-            path, gen = None, None
+            path, gen, model_config = None, None, None
         else:
             source, gguf_file = resolve_source(cand, cache_dir)
             path, tokenizer, kwargs = load_tokenizer(source, gguf_file=gguf_file, cache_dir=cache_dir,
                                                      trust_remote_code=cfg.trust_remote_code, revision=cand.revision)
             model, gen = None, _generation_config(path, kwargs)
+            with _load_errors(path, None):
+                model_config = AutoConfig.from_pretrained(path, **kwargs)
         device = resolve_device(cand.device or cfg.device)
         candidates.append(Candidate(i, candidate_name(cand), cand.role, cand.source, model, tokenizer,
                                     time.perf_counter() - start, path=path, device=device,
-                                    dtype=resolve_dtype(cfg.dtype, device), generation_config=gen, config=cand))
+                                    dtype=resolve_dtype(cfg.dtype, device), generation_config=gen, config=cand,
+                                    model_config=model_config))
     return Pool(candidates, cfg.plain_template)
 
 
