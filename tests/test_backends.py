@@ -12,6 +12,7 @@ choices are far from ties; fp32 (bf16 is not token-identical across implementati
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -28,7 +29,11 @@ from switchkit.runner import generate_command
 from switchkit.testing import build_tokenizer, save_tiny_model
 from switchkit.vllm_backend import vllm_installed
 
-BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_installed(), reason="vLLM not installed"))]
+# SWITCHKIT_REQUIRE_VLLM=1 (tests/vllm_cpu.sh sets it): run the vLLM cases even where vLLM seems absent, so a broken
+# install fails them instead of skipping them
+needs_vllm = pytest.mark.skipif(not vllm_installed() and not os.environ.get("SWITCHKIT_REQUIRE_VLLM"),
+                                reason="vLLM not installed")
+BACKENDS = ["hf", pytest.param("vllm", marks=needs_vllm)]
 QUERIES = ["What is the capital of France?", "Solve 12 + 30.", "the quick brown fox jumps over the lazy dog, twice",
            "Which model should generate the next segment?"]
 VLLM = VLLMConfig(kv_cache_gb=0.125, max_model_len=512)
@@ -183,7 +188,7 @@ def test_lora_switcher_on_the_aligned_weights(engine, hf, dirs):
     assert policy.slot not in engine.backend.slots
 
 
-@pytest.mark.skipif(not vllm_installed(), reason="vLLM not installed")
+@needs_vllm
 def test_vllm_mixed_adapter_and_base_batch(dirs, hf):
     """vLLM's CPU LoRA ops give "no adapter" (-1) the last slot: the backend keeps that slot empty. A batch that
     mixes adapter and base requests is sent to the engine directly, after an adapter was removed and another added
@@ -211,7 +216,7 @@ def test_vllm_mixed_adapter_and_base_batch(dirs, hf):
         engine.backend.close()
 
 
-@pytest.mark.skipif(not vllm_installed(), reason="vLLM not installed")
+@needs_vllm
 def test_generate_writes_the_same_records_on_both_backends(dirs, tmp_path):
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(f"""name: conformance
