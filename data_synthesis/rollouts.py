@@ -34,7 +34,26 @@ def _trace_dicts(seq) -> list[dict]:
 
 
 def run_chunk(engine, tasks, jobs: list[Job], recipe: Recipe) -> dict:
-    """Make the records of one chunk: traces, divergent step, rollouts, scores and labels."""
+    """Make the records of one chunk: traces, divergent step, rollouts, scores and labels.
+
+    With ``synthesis.max_in_flight`` the chunk's records run in groups of ``max_in_flight // (n k)`` (at least one)
+    and each group's rollouts in waves of ``max_in_flight``, so no more sequences (and their caches) are alive at
+    once; a finished sequence frees its caches at once. Records do not depend on the grouping.
+    """
+    limit = recipe.synthesis.max_in_flight
+    if limit is None:
+        return _run_group(engine, tasks, jobs, recipe, None)
+    size = max(1, limit // (len(engine.pool) * recipe.synthesis.k))
+    parts = [_run_group(engine, tasks, jobs[i:i + size], recipe, limit) for i in range(0, len(jobs), size)]
+    # the order of an ungrouped chunk: by task, then by job
+    order = {(tasks[job.task].name, job.index): (job.task, pos) for pos, job in enumerate(jobs)}
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: order[r["task"], r["index"]])
+    return {"records": records, "skipped": [s for p in parts for s in p["skipped"]],
+            "tokens": sum(p["tokens"] for p in parts)}
+
+
+def _run_group(engine, tasks, jobs: list[Job], recipe: Recipe, limit) -> dict:
+    """The records of ``jobs``, with at most ``limit`` rollouts generated at once (None: all)."""
     n, k = len(engine.pool), recipe.synthesis.k
     patch = recipe.generation.patch_size
     examples = [tasks[job.task].examples[job.example] for job in jobs]
@@ -76,7 +95,10 @@ def run_chunk(engine, tasks, jobs: list[Job], recipe: Recipe) -> dict:
             tokens[i] += branch.n_tokens - traces[i].n_tokens
             rollouts[i, c] = [branch] if branch.done else engine.fork(
                 branch, seeds=[derive_seed(jobs[i].seed, "rollout", c, r) for r in range(k)])
-    engine.run([r for (i, c), rolls in rollouts.items() if not branches[i][c].done for r in rolls], RandomPolicy())
+    pending = [r for (i, c), rolls in rollouts.items() if not branches[i][c].done for r in rolls]
+    wave = limit or max(len(pending), 1)
+    for start in range(0, len(pending), wave):
+        engine.run(pending[start:start + wave], RandomPolicy())
     for (i, c), rolls in rollouts.items():
         tokens[i] += sum(r.n_tokens - branches[i][c].n_tokens for r in rolls)
 

@@ -30,7 +30,8 @@ def fingerprint(recipe: Recipe, tasks: list[Task]) -> dict:
     """Everything that determines the records: the pool (settings and weights), the generation settings, the task
     configs and contents, the synthesis settings and the code's format versions (as :func:`switchkit.runner.fingerprint`)."""
     cfg = to_dict(recipe)
-    synthesis = {k: v for k, v in cfg["synthesis"].items() if k not in ("shard", "num_shards", "output", "format")}
+    synthesis = {k: v for k, v in cfg["synthesis"].items()  # how the work runs, not what it makes
+                 if k not in ("shard", "num_shards", "output", "format", "max_in_flight", "executor")}
     return runner_fingerprint(recipe, switcher=False, format=FORMAT_VERSION, tasks=cfg["tasks"],
                               task_content=[content_hash(t) for t in tasks], synthesis=synthesis)
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
 
-from switchkit.artifacts import stats_file, synthesis_dir, synthesis_shard_data
+from switchkit.artifacts import stats_file, synthesis_data, synthesis_dir, synthesis_shard_data
 from switchkit.config import ConfigError, Recipe
 from switchkit.io import write_json_atomic
 from switchkit.engine import SwitchEngine
+from switchkit.executors import run_on_ray
 from switchkit.models import check_sources, load_pool
 from switchkit.tasks import load_tasks
 
@@ -45,29 +47,47 @@ def run_synthesis(recipe: Recipe, progress: bool = True, overwrite: bool = False
     expected = manifest(recipe, tasks, len(chunks))
     state = check_work(directory, expected, overwrite)
     s = recipe.synthesis
-    mine = [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
+    ray = s.executor == "ray"  # every shard as a Ray task, then one dataset from all chunks
+    mine = list(range(len(chunks))) if ray else [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
+    out = synthesis_data(recipe) if ray else out
     todo = [c for c in mine if not (state == "resume" and chunk_file(directory, c).is_file())]
-    if todo:
-        pool = load_pool(recipe.pool)
-        engine = SwitchEngine(pool, recipe.generation)
-        engine.check_queries([e.query for t in tasks for e in t.examples], [e.id for t in tasks for e in t.examples])
+    if todo and ray:
         start_work(directory, expected, state)
-        total = sum(len(chunks[c]) for c in mine)
-        bar = tqdm(total=total, initial=total - sum(len(chunks[c]) for c in todo), unit="record",
-                   desc=f"synthesize{f' shard {s.shard}/{s.num_shards}' if s.num_shards > 1 else ''}",
-                   disable=not progress)
-        generated = 0
-        for c in todo:
-            result = run_chunk(engine, tasks, chunks[c], recipe)
-            write_json_atomic(chunk_file(directory, c), {"chunk": c, **result})
-            generated += result["tokens"]
-            bar.update(len(chunks[c]))
-            bar.set_postfix(tokens=generated)
-        bar.close()
+        shards = [replace(recipe, synthesis=replace(s, shard=i, executor="local"))
+                  for i in range(s.num_shards) if any(c % s.num_shards == i for c in todo)]
+        run_on_ray(recipe.ray, make_chunks, [(shard, False) for shard in shards], "synthesize")
+    elif todo:
+        make_chunks(recipe, progress, tasks, chunks, start=(expected, state))
     elif out.is_file():
         return out
     finalize(directory, recipe, mine, out)
     return out
+
+
+def make_chunks(recipe: Recipe, progress: bool = True, tasks=None, chunks=None, start=None) -> None:
+    """Make this shard's unfinished chunks (a Ray task of ``synthesis.executor=ray`` calls it with the recipe).
+    ``start``: (manifest, state of :func:`check_work`) for :func:`start_work` once the pool has loaded."""
+    directory, s = synthesis_dir(recipe), recipe.synthesis
+    tasks = tasks or load_tasks(recipe.tasks, trust_remote_code=recipe.pool.trust_remote_code)
+    chunks = chunks or plan(recipe, [len(t.examples) for t in tasks])
+    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
+    engine.check_queries([e.query for t in tasks for e in t.examples], [e.id for t in tasks for e in t.examples])
+    if start is not None:
+        start_work(directory, *start)
+    mine = [c for c in range(len(chunks)) if c % s.num_shards == s.shard]
+    todo = [c for c in mine if not chunk_file(directory, c).is_file()]
+    total = sum(len(chunks[c]) for c in mine)
+    bar = tqdm(total=total, initial=total - sum(len(chunks[c]) for c in todo), unit="record",
+               desc=f"synthesize{f' shard {s.shard}/{s.num_shards}' if s.num_shards > 1 else ''}",
+               disable=not progress)
+    generated = 0
+    for c in todo:
+        result = run_chunk(engine, tasks, chunks[c], recipe)
+        write_json_atomic(chunk_file(directory, c), {"chunk": c, **result})
+        generated += result["tokens"]
+        bar.update(len(chunks[c]))
+        bar.set_postfix(tokens=generated)
+    bar.close()
 
 
 def synthesize_command(recipe: Recipe, merge: Optional[str] = None, overwrite: bool = False) -> None:

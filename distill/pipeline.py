@@ -60,7 +60,7 @@ def generate_pairs(recipe: Recipe, overwrite: bool = False) -> list[dict]:
             policy = generate = None
             if not finished:  # the pool loads only when something is left to generate
                 if engine is None:
-                    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+                    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
                     engine.check_queries([e.query for t in tasks for e in t.examples],
                                          [e.id for t in tasks for e in t.examples])
                 policy = make_policy(recipe, engine, "trained", str(switcher))

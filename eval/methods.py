@@ -51,7 +51,8 @@ class Context:
             from switchkit.engine import SwitchEngine
             from switchkit.models import load_pool
 
-            self._engine = SwitchEngine(load_pool(self.recipe.pool), self.recipe.generation)
+            self._engine = SwitchEngine(load_pool(self.recipe.pool, self.recipe.generation.backend),
+                                        self.recipe.generation)
             self._engine.check_queries([q for _, q in self.queries], [i for i, _ in self.queries])
         return self._engine
 
@@ -240,7 +241,7 @@ class Distilled(Method):
         def load():
             pool_cfg = replace(self.recipe.pool, candidates=[
                 CandidateConfig(source=str(distilled_model_dir(self.recipe)), role="aligned", name="distilled")])
-            return SwitchEngine(load_pool(pool_cfg), self.recipe.generation)
+            return SwitchEngine(load_pool(pool_cfg, self.recipe.generation.backend), self.recipe.generation)
 
         engine = ctx.hold(f"distilled:{distilled_model_dir(self.recipe)}", load)
         return engine.generate(queries, SinglePolicy(0), seeds)

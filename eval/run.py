@@ -97,6 +97,11 @@ def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "result
         method.check(task.name)
     if replace:
         clear_output(folder)
+    if recipe.eval.executor == "ray" and pending:  # generate them as Ray tasks; the loop below reads them back
+        from .executor import run_cells_on_ray
+
+        run_cells_on_ray(recipe, [(m.name, t.name, t.split, seed) for m, t, seed, *_ in pending], overwrite)
+        pending = [cell for cell in generated if not is_finished(cell[3], cell[4])]
     queries = {(e.id, e.query) for _, task, *_ in pending for e in task.examples}
     ctx, cells, rows_of = Context(recipe, sorted(queries)), [], {}
     todo = {cell[3] for cell in pending}

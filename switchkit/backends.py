@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from .registry import registrar
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import GenerationConfig
     from .models import Pool
 
 
@@ -50,6 +51,12 @@ class Backend(ABC):
     """Runs the pool's models and the switchers added to it over batches of sequences."""
 
     name = ""
+    loads_weights = True  # the pool loads HF weights for it; False: it loads them itself (from Candidate.path)
+
+    @classmethod
+    def from_config(cls, pool: "Pool", generation: "GenerationConfig") -> "Backend":
+        """The backend over ``pool`` with the recipe's generation settings."""
+        return cls(pool)
 
     @abstractmethod
     def write(self, slot: int, contexts: Sequence[list[int]], states: Sequence[Optional[object]],
@@ -89,13 +96,20 @@ BACKENDS: dict[str, type[Backend]] = {}
 register_backend = registrar(BACKENDS, "name")
 
 
-def make_backend(name: str, pool: "Pool") -> Backend:
-    """The backend ``name`` over ``pool``."""
+def backend_class(name: str) -> type[Backend]:
+    """The registered backend class ``name``."""
     from .config import ConfigError
 
     if name not in BACKENDS:
         raise ConfigError(f"generation.backend={name!r} is unknown: allowed are {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](pool)
+    return BACKENDS[name]
+
+
+def make_backend(name: str, pool: "Pool", generation: Optional["GenerationConfig"] = None) -> Backend:
+    """The backend ``name`` over ``pool`` (with the recipe's generation settings, where given)."""
+    from .config import GenerationConfig
+
+    return backend_class(name).from_config(pool, generation or GenerationConfig())
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -302,3 +316,7 @@ class HFBackend(Backend):
             covered = list(ctx) + out[r][:-1]
             new_states.append(self._slice(cache, r, start - len(ctx), start + max(len(out[r]) - 1, 0), covered))
         return out, new_states
+
+
+# The vLLM backend registers itself as "vllm"; its module imports vllm only when an engine is built.
+from . import vllm_backend  # noqa: E402,F401

@@ -250,7 +250,7 @@ def pool(args: tuple[str, ...]) -> None:
     def show(recipe: Recipe) -> None:
         from .models import load_pool
 
-        click.echo(load_pool(recipe.pool).describe())
+        click.echo(load_pool(recipe.pool, recipe.generation.backend).describe())
 
     _run(args, (), show)
 

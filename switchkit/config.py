@@ -37,6 +37,8 @@ class CandidateConfig:
     name: Optional[str] = None
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
+    device: Optional[str] = None  # this candidate's device (cpu, cuda:N); null: pool.device
+    memory: Optional[float] = None  # vllm: share of its GPU's memory for this candidate's engine; null: even split
 
 
 def candidate_name(cand: CandidateConfig) -> str:
@@ -68,6 +70,18 @@ class PoolConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine settings of the vLLM backend (one engine per candidate; placement is ``pool.candidates.N.device``)."""
+
+    kv_cache_gb: float = 1.0  # CPU: KV cache of each engine, in GiB
+    max_model_len: int = 4096
+    block_size: Optional[int] = None  # KV block size (null: 32 on CPU, vLLM's default on GPU)
+    enforce_eager: Optional[bool] = None  # null: eager on CPU, CUDA graphs on GPU
+    max_num_seqs: Optional[int] = None
+    engine_args: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
+
+
+@dataclass
 class GenerationConfig:
     patch_size: int = 50
     max_new_tokens: int = 512
@@ -80,6 +94,7 @@ class GenerationConfig:
     backend: str = "hf"  # a name in switchkit.backends.BACKENDS
     # a query that leaves a candidate less than max_new_tokens of its context: an error, or cut from the left
     long_inputs: Literal["error", "truncate"] = "error"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -169,6 +184,8 @@ class SynthesisConfig:
     output: Optional[str] = None
     format: Literal["parquet", "jsonl"] = "parquet"
     chunk_size: int = 8  # records per work chunk: the unit of batching, resume and sharding
+    max_in_flight: Optional[int] = None  # sequences generated at once (null: a whole chunk); bounds cache memory
+    executor: Literal["local", "ray"] = "local"  # ray: every shard of synthesis.num_shards as a Ray task, merged
 
 
 @dataclass
@@ -221,6 +238,16 @@ class EvalConfig:
     output: Optional[str] = None
     # "switcher.KEY:V1,V2,...": the trained-switcher methods run once per value (see parse_sweep)
     sweep: Optional[str] = None
+    executor: Literal["local", "ray"] = "local"  # ray: every cell to generate as a Ray task
+
+
+@dataclass
+class RayConfig:
+    """Where and how ``executor: ray`` runs its tasks."""
+
+    address: Optional[str] = None  # a running cluster (e.g. auto); null: start a local one
+    num_gpus: float = 0.0  # GPUs per task (a whole pool per task: e.g. 3 for three candidates on cuda:0..2)
+    num_cpus: float = 1.0  # CPUs per task
 
 
 @dataclass
@@ -246,6 +273,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 # (key, check, what is allowed); keys use "*" for any list index.
@@ -263,6 +291,12 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("synthesis.num_shards", lambda v: v > 0, "an integer > 0"),
     ("synthesis.shard", lambda v: v >= 0, "an integer >= 0"),
     ("synthesis.chunk_size", lambda v: v > 0, "an integer > 0"),
+    ("synthesis.max_in_flight", lambda v: v is None or v > 0, "null or an integer > 0"),
+    ("generation.vllm.kv_cache_gb", lambda v: v > 0, "a float > 0"),
+    ("generation.vllm.max_model_len", lambda v: v >= 16, "an integer >= 16"),
+    ("pool.candidates.*.memory", lambda v: v is None or 0 < v <= 1, "null or a float in (0, 1]"),
+    ("ray.num_gpus", lambda v: v >= 0, "a float >= 0"),
+    ("ray.num_cpus", lambda v: v >= 0, "a float >= 0"),
     *[(f"{section}.{key}", check, allowed) for section in ("train", "distill") for key, check, allowed in [
         ("epochs", lambda v: v > 0, "an integer > 0"),
         ("lr", lambda v: v > 0, "a float > 0"),

@@ -123,7 +123,7 @@ class SwitchEngine:
     def __init__(self, pool: Pool, generation: GenerationConfig, backend: Optional[Backend] = None):
         self.pool = pool
         self.cfg = generation
-        self.backend = backend or make_backend(generation.backend, pool)
+        self.backend = backend or make_backend(generation.backend, pool, generation)
         self.token_level = pool.mode == "token"
         self.eos = [c.eos_token_ids for c in pool.candidates]
         self.stop_len = max((len(s) for s in generation.stop), default=0)
@@ -277,6 +277,9 @@ class SwitchEngine:
             reason = "stop"
         if reason:
             seq.done, seq.finish_reason = True, reason
+            for v in seq.views:  # a finished sequence frees its caches at once
+                v.state = None
+            seq.states.clear()
 
     def _cut_at_stop(self, seq: SwitchSequence, searched: int) -> bool:
         """Cut the response before the first stop string (which may begin in an earlier segment)."""

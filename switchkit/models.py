@@ -13,13 +13,15 @@ import importlib.util
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from .config import CandidateConfig, PoolConfig, aligned_index, candidate_name
 from .io import atomic_path, path_hash
@@ -148,9 +150,34 @@ def load_causal_lm(
     revision: Optional[str] = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id or HF dir, or a GGUF file (cached as HF)."""
+    folder, tokenizer, kwargs = load_tokenizer(source, gguf_file=gguf_file, cache_dir=cache_dir,
+                                               trust_remote_code=trust_remote_code, revision=revision)
+    with _load_errors(folder, None):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+@contextmanager
+def _load_errors(source: str, gguf_file: Optional[str]):
+    """Library errors while loading ``source`` as one-line :class:`ModelLoadError`s."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # also corrupt weights
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {source!r}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
+
+
+def load_tokenizer(source: str, *, gguf_file: Optional[str] = None, cache_dir: Optional[Path] = None,
+                   trust_remote_code: bool = False, revision: Optional[str] = None
+                   ) -> tuple[str, PreTrainedTokenizerBase, dict]:
+    """(HF folder or hub id, tokenizer, loading kwargs) of a checkpoint; a GGUF file is converted to a cached HF
+    folder first, so a backend that loads weights itself (vLLM) gets a plain HF folder."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
-    try:
+    with _load_errors(source, gguf_file):
         if gguf_file:
             converted = cache_dir / "gguf" / _gguf_cache_key(source, gguf_file)
             if not (converted / "config.json").is_file():
@@ -158,16 +185,9 @@ def load_causal_lm(
             source = str(converted)
             kwargs = dict(trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # also corrupt weights
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {source!r}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
-    model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return source, tokenizer, kwargs
 
 
 def _convert_gguf(directory: str, gguf_file: str, target: Path, kwargs: dict) -> None:
@@ -186,27 +206,35 @@ def _convert_gguf(directory: str, gguf_file: str, target: Path, kwargs: dict) ->
 
 @dataclass
 class Candidate:
-    """A loaded pool member."""
+    """A loaded pool member. ``model`` is None when the backend loads the weights itself (from ``path``, an HF
+    folder or hub id, onto ``device``)."""
 
     index: int
     name: str
     role: str
     source: str
-    model: PreTrainedModel
+    model: Optional[PreTrainedModel]
     tokenizer: PreTrainedTokenizerBase
     load_seconds: float
+    path: Optional[str] = None
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+    generation_config: Optional[GenerationConfig] = None
+    config: Optional[CandidateConfig] = None
+    model_config: Optional[PretrainedConfig] = None  # the checkpoint's HF config when ``model`` is None
 
     @property
     def context_length(self) -> Optional[int]:
         """The longest context the model takes (``max_position_embeddings``), or None when it does not say."""
-        length = getattr(self.model.config, "max_position_embeddings", None)
+        config = self.model.config if self.model is not None else self.model_config
+        length = getattr(config, "max_position_embeddings", None)
         return length if isinstance(length, int) and length > 0 else None
 
     @property
     def eos_token_ids(self) -> set[int]:
         """Every token id that ends a response for this model (tokenizer and generation config)."""
         ids = set()
-        gen = getattr(self.model, "generation_config", None)
+        gen = getattr(self.model, "generation_config", None) or self.generation_config
         for value in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
             if isinstance(value, int):
                 ids.add(value)
@@ -269,8 +297,10 @@ class Pool:
         """A short human-readable summary of the pool."""
         lines = [f"pool: {len(self)} candidates, {self.mode}-level mode"]
         for c in self.candidates:
-            dev = next(c.model.parameters()).device
-            dt = next(c.model.parameters()).dtype
+            if c.model is None:
+                dev, dt = c.device, "(backend)"
+            else:
+                dev, dt = next(c.model.parameters()).device, next(c.model.parameters()).dtype
             lines.append(
                 f"  [{c.index}] {c.name:<28} role={c.role:<10} {str(dt).replace('torch.', ''):<9} {dev}  "
                 f"(loaded in {c.load_seconds:.1f}s)"
@@ -279,8 +309,8 @@ class Pool:
 
 
 def load_source(cand: CandidateConfig, cfg: PoolConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load one checkpoint (hub id, HF dir, GGUF file or ``demo:NAME``) with the pool's dtype and device."""
-    device = resolve_device(cfg.device)
+    """Load one checkpoint (hub id, HF dir, GGUF file or ``demo:NAME``) with the pool's dtype and its device."""
+    device = resolve_device(cand.device or cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     source, gguf_file = resolve_source(cand, cache_dir)
     return load_causal_lm(
@@ -294,11 +324,37 @@ def load_source(cand: CandidateConfig, cfg: PoolConfig) -> tuple[PreTrainedModel
     )
 
 
-def load_pool(cfg: PoolConfig) -> Pool:
-    """Load every candidate of a pool config onto its device."""
+def load_pool(cfg: PoolConfig, backend: str = "hf") -> Pool:
+    """Load every candidate of a pool config onto its device, for the generation backend ``backend``: the HF
+    weights only when that backend runs them (``Backend.loads_weights``), else tokenizers, configs and EOS ids only."""
+    from .backends import backend_class
+
+    weights = backend_class(backend).loads_weights
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     candidates = []
     for i, cand in enumerate(cfg.candidates):
         start = time.perf_counter()
-        model, tokenizer = load_source(cand, cfg)
-        candidates.append(Candidate(i, candidate_name(cand), cand.role, cand.source, model, tokenizer, time.perf_counter() - start))
+        if weights:
+            model, tokenizer = load_source(cand, cfg)
+            path, gen, model_config = None, None, None
+        else:
+            source, gguf_file = resolve_source(cand, cache_dir)
+            path, tokenizer, kwargs = load_tokenizer(source, gguf_file=gguf_file, cache_dir=cache_dir,
+                                                     trust_remote_code=cfg.trust_remote_code, revision=cand.revision)
+            model, gen = None, _generation_config(path, kwargs)
+            with _load_errors(path, None):
+                model_config = AutoConfig.from_pretrained(path, **kwargs)
+        device = resolve_device(cand.device or cfg.device)
+        candidates.append(Candidate(i, candidate_name(cand), cand.role, cand.source, model, tokenizer,
+                                    time.perf_counter() - start, path=path, device=device,
+                                    dtype=resolve_dtype(cfg.dtype, device), generation_config=gen, config=cand,
+                                    model_config=model_config))
     return Pool(candidates, cfg.plain_template)
+
+
+def _generation_config(folder: str, kwargs: dict) -> Optional[GenerationConfig]:
+    """A checkpoint's generation config (its EOS ids), or None when it has none."""
+    try:
+        return GenerationConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError):
+        return None

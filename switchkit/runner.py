@@ -79,7 +79,7 @@ def fingerprint(recipe: Recipe, switcher: bool = True, **extra) -> dict:
 
     cfg = to_dict(recipe)
     pool = {k: v for k, v in cfg["pool"].items() if k != "cache_dir"}
-    generation = {k: v for k, v in cfg["generation"].items() if k != "batch_size"}
+    generation = {k: v for k, v in cfg["generation"].items() if k not in ("batch_size", "vllm")}  # not results
     return {"version": RUNNER_VERSION, "pool": pool, "models": [source_identity(c) for c in recipe.pool.candidates],
             "generation": generation, "switcher": cfg["switcher"] if switcher else None, **extra}
 
@@ -245,7 +245,7 @@ def generate_command(recipe: Recipe, input: Optional[str] = None, output: Option
     if is_finished(out, expected, overwrite):
         print(f"generate: {out} is up to date")
         return
-    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
     engine.check_queries([it.query for it in items], [it.id for it in items])
     policy = make_policy(recipe, engine)
     with tqdm(total=len(items), unit="query", desc="generate") as bar:

@@ -459,7 +459,7 @@ def serve_command(recipe: Recipe, switcher: Optional[str] = None, host: str = "1
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another port=N or host=") from None
     from .models import load_pool
 
-    engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
     with serving(recipe, engine, switcher) as (app, _, catalog):
         if catalog.note:
             print(f"serve: {catalog.note}")

@@ -56,8 +56,14 @@ def save_tiny_model(
     hidden: int = 32,
     heads: int = 4,
     seed: int = 0,
+    init_scale: float = 1.0,
 ) -> Path:
-    """Save a random tiny Llama and ``tokenizer`` to ``path`` (safetensors) and return the path."""
+    """Save a random tiny Llama and ``tokenizer`` to ``path`` (safetensors) and return the path.
+
+    ``init_scale`` multiplies the random weight matrices: above 1 the logits spread out, so greedy choices are
+    far from ties and two implementations agree token for token. vLLM's CPU attention needs ``hidden / heads``
+    in {32, 64, 80, ...} (e.g. ``hidden=64, heads=2``).
+    """
     path = Path(path)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -74,6 +80,11 @@ def save_tiny_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    if init_scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(init_scale)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

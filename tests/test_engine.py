@@ -172,11 +172,13 @@ def test_switcher_cache_matches_fresh_encoding(pool):
     """Decisions reusing the switcher cache equal decisions computed from scratch."""
     engine = SwitchEngine(pool, GenerationConfig(patch_size=4, max_new_tokens=24, temperature=0.0))
     cached = switcher(engine, greedy=True)
-    seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), cached)
+    seqs = engine.run(engine.start(QUERIES[:2], [0, 1]), cached, max_tokens=12)  # paused: the caches are kept
     fresh = switcher(engine, greedy=True)
     for seq in seqs:
-        assert seq.states[cached] is not None
+        assert not seq.done and seq.states[cached] is not None
         assert torch.allclose(cached.logprobs([seq]), fresh.logprobs([seq]), atol=1e-5)
+    engine.run(seqs, cached)
+    assert all(s.done and not s.states and all(v.state is None for v in s.views) for s in seqs)  # finished: freed
 
 
 def test_v1_chat_switcher_reads_the_chat_templated_prompt(pool):

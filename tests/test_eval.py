@@ -9,6 +9,7 @@ from switchkit.config import ConfigError, load_recipe
 from switchkit.eval import analysis
 from switchkit.eval.methods import REGISTRY, Method, build_methods, register
 from switchkit.eval.run import eval_command
+from switchkit.executors import ray_installed
 from switchkit.io import InputError, read_jsonl
 from switchkit.testing import save_tiny_switcher
 
@@ -245,6 +246,18 @@ def test_per_task_lora_switchers_and_the_global_one_in_one_run(tmp_path, tiny_po
     for cell in summary["cells"]:
         rows = read_jsonl(tmp_path / "run" / "eval" / cell["path"])
         assert all(len(p) == 3 for r in rows for p in r["switch_probs"])
+
+
+@pytest.mark.skipif(not ray_installed(), reason="Ray not installed (pip install 'switchkit[ray]')")
+def test_ray_executor_cells_equal_a_single_process_run(tiny_recipe):
+    """eval.executor=ray on a local Ray cluster: each cell is a Ray task; cells and results equal a local run's."""
+    local = eval_command(load_recipe(str(tiny_recipe)))
+    ray_dir = tiny_recipe.parent / "ray-run"
+    summary = eval_command(load_recipe(str(tiny_recipe), [f"run_dir={ray_dir}", "eval.executor=ray", "ray.num_cpus=1"]))
+    assert summary["cells"] == local["cells"]
+    for cell in local["cells"]:
+        ours = ray_dir / "eval" / cell["path"]
+        assert ours.read_bytes() == (tiny_recipe.parent / "run" / "eval" / cell["path"]).read_bytes()
 
 
 def test_oracle_is_the_per_example_best_single_and_never_a_baseline(tiny_recipe):

@@ -19,6 +19,7 @@ from switchkit.data_synthesis.labels import choose_label
 from switchkit.data_synthesis.plan import decision_points, trace_length
 from switchkit.data_synthesis.store import merge_shards
 from switchkit.data_synthesis.synthesize import run_synthesis, synthesize_command
+from switchkit.executors import ray_installed
 from switchkit.io import InputError
 from switchkit.prompt import build_prompt
 
@@ -147,6 +148,51 @@ def test_resume_after_kill_equals_uninterrupted_run(reference, recipe_file, tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert "labels:" in resumed.stdout and "tie rate:" in resumed.stdout and "tokens generated:" in resumed.stdout
     assert load_records(out / "data.parquet").to_list() == rows
+    for chunk in sorted((ref_path.parent / "work").glob("chunk-*.json")):
+        assert (out / "work" / chunk.name).read_bytes() == chunk.read_bytes()
+
+
+def test_max_in_flight_bounds_the_batch_not_the_records(reference, recipe_file, tmp_path, monkeypatch):
+    """With synthesis.max_in_flight=5 (one record of 3 x 3 rollouts does not fit), no engine call gets more than 5
+    sequences, finished sequences hold no cache, and the records equal the unbounded run's."""
+    from switchkit.engine import SwitchEngine
+
+    _, ref_path, rows = reference
+    sizes, write = [], SwitchEngine.write
+
+    def counting(self, seqs, model_ids):
+        sizes.append(len(seqs))
+        write(self, seqs, model_ids)
+        assert all(v.state is None for s in seqs if s.done for v in s.views)
+
+    monkeypatch.setattr(SwitchEngine, "write", counting)
+    out = run_synthesis(_recipe(recipe_file, tmp_path / "bounded", "synthesis.max_in_flight=5"), progress=False)
+    assert sizes and max(sizes) <= 5
+    assert load_records(out).to_list() == rows
+    for chunk in sorted((ref_path.parent / "work").glob("chunk-*.json")):
+        assert (tmp_path / "bounded" / "work" / chunk.name).read_bytes() == chunk.read_bytes()
+
+
+@pytest.mark.skipif(not ray_installed(), reason="Ray not installed (pip install 'switchkit[ray]')")
+def test_ray_executor_equals_a_single_process_and_resumes_after_kill(reference, recipe_file, tmp_path):
+    """synthesis.executor=ray on a local Ray cluster: every shard is a Ray task; killed after its first chunk and
+    run again, it writes the single-process run's chunks and dataset, byte for byte."""
+    _, ref_path, rows = reference
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "switchkit.cli", "synthesize", f"recipe={recipe_file}", f"synthesis.output={out}",
+           "synthesis.executor=ray", "synthesis.num_shards=2", "ray.num_cpus=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while proc.poll() is None and not list((out / "work").glob("chunk-*.json")):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    finally:
+        proc.wait()
+    assert len(list((out / "work").glob("chunk-*.json"))) < 4 and not (out / "data.parquet").exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_records(out / "data.parquet").to_list() == rows
+    assert (out / "data.parquet").read_bytes() == ref_path.read_bytes()
     for chunk in sorted((ref_path.parent / "work").glob("chunk-*.json")):
         assert (out / "work" / chunk.name).read_bytes() == chunk.read_bytes()
 
