@@ -162,6 +162,14 @@ def build_report(eval_dir: Path) -> dict:
         positions[n] = analysis.position_usage(recs, n_models)
         share[n] = analysis.model_share(recs, n_models)
 
+    cost = {n: analysis.cost_per_query([r for c in columns for r in rows.get((n, c), [])]) for n in names}
+    aligned = next((f"single:{c['name']}" for c in reversed(pool) if c["role"] == "aligned"), None)
+    reference = cost.get(aligned) if aligned else None
+    for n, summary_cost in cost.items():  # relative to the aligned model alone, over the same columns
+        if summary_cost and reference:
+            summary_cost["x_aligned_tokens"] = summary_cost["tokens"] / reference["tokens"] if reference["tokens"] else None
+            summary_cost["x_aligned_passes"] = summary_cost["passes"] / reference["passes"] if reference["passes"] else None
+
     shown = tested[0] if tested else runnable[0]
     examples = {c: scoring_examples(rows.get((shown, c), [])) for c in columns}
 
@@ -171,7 +179,7 @@ def build_report(eval_dir: Path) -> dict:
         "methods": methods, "tested": tested, "singles": singles, "ceilings": ceilings,
         "scores": dict(scores), "average": average, "best": best, "significance": significance, "gain": gain,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
-        "positions": positions, "model_share": share,
+        "positions": positions, "model_share": share, "cost": cost, "cost_reference": aligned,
     }
 
 

@@ -96,6 +96,10 @@ _command(
     "Synthesize (if needed), train and export a switcher: recipe=NAME [key=value ...].",
 )
 _command(
+    "train-router", "switchkit.trainer.router:train_router_command", (),
+    "Train the trained-router baseline on synthesis's first decisions: recipe=NAME [key=value ...].",
+)
+_command(
     "distill", "switchkit.cli:distill_and_evaluate", (),
     "Distill switch generation into the aligned model and evaluate it: recipe=NAME [key=value ...].",
 )
@@ -139,10 +143,15 @@ def release(args: tuple[str, ...]) -> None:
 
 @main.command()
 def recipes() -> None:
-    """List the packaged recipes."""
+    """List the packaged recipes, then the paper's 18 tasks (``source: paper:NAME``)."""
+    from .suite import describe_paper_tasks
+
     for name in list_recipes():
         recipe = load_recipe(name)
         click.echo(f"{name:<32} {recipe.description}")
+    click.echo("\nThe paper's 18 tasks (source: paper:NAME; data from $SWITCHKIT_DATA, default data/):")
+    for line in describe_paper_tasks():
+        click.echo("  " + line)
 
 
 @main.command(name="show-recipe", context_settings=CONTEXT)

@@ -148,15 +148,19 @@ class SwitcherPolicy(Policy):
         self.top_p, self.greedy, self.max_length = top_p, greedy, max_length
         self.owned = owned
 
+    def selector_text(self, seq: "SwitchSequence") -> str:
+        """The text the switcher reads before deciding for ``seq``: the switcher prompt."""
+        return build_prompt(seq.query, [(g.model, g.text) for g in seq.segments], self.n)
+
     def logprobs(self, seqs: list["SwitchSequence"]) -> torch.Tensor:
         """The switcher's ``[batch, n]`` log-probabilities over the model ids; updates each sequence's state."""
-        contexts = [self.format.encode(self.tokenizer, self.vocab,
-                                       build_prompt(s.query, [(g.model, g.text) for g in s.segments], self.n),
-                                       self.max_length) for s in seqs]
+        contexts = [self.format.encode(self.tokenizer, self.vocab, self.selector_text(s), self.max_length)
+                    for s in seqs]
         logprobs, states = self.engine.backend.id_logprobs(self.slot, contexts, [s.states.get(self) for s in seqs],
                                                            self.vocab.token_ids)
-        for s, st in zip(seqs, states):
+        for s, st, ctx in zip(seqs, states, contexts):
             s.states[self] = st
+            s.charge_switcher(self, ctx)
         return logprobs
 
     def choose(self, engine, seqs):
@@ -184,14 +188,15 @@ def _resolve_format(requested: Optional[str], stored: Optional[str], tokenizer, 
 
 
 def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Optional[str] = None,
-                  top_p: float = 0.7, greedy: bool = False, allow_n_mismatch: bool = False) -> SwitcherPolicy:
+                  top_p: float = 0.7, greedy: bool = False, allow_n_mismatch: bool = False,
+                  policy_class: type[SwitcherPolicy] = SwitcherPolicy) -> SwitcherPolicy:
     """Load a switcher into the engine's backend: a trainer export, a peft adapter dir, or any HF causal LM.
 
     An adapter whose base model is a pool candidate (its source) is attached to that candidate's weights, so
     the pool holds n models, not n+1. The prompt format is the one in ``switchkit.json``; a plain HF switcher
     gets ``prompt_format``, else v1-chat when it has a chat template. A switcher exported for another number
     of models is refused unless ``allow_n_mismatch`` (the paper's unseen-model settings: the prompt then names
-    the pool's n).
+    the pool's n). ``policy_class`` is the :class:`SwitcherPolicy` subclass to build (a router's).
     """
     pool, backend = engine.pool, engine.backend
     folder = Path(path_or_id).expanduser()
@@ -223,8 +228,8 @@ def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Opt
         slot, tokenizer = backend.add_model(str(path_or_id))
         owned.append(slot)
     fmt = _resolve_format(prompt_format, meta.prompt_format if meta else None, tokenizer, str(folder))
-    return SwitcherPolicy(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
-                          max_length=meta.max_length if meta else None, owned=tuple(owned))
+    return policy_class(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
+                        max_length=meta.max_length if meta else None, owned=tuple(owned))
 
 
 @register_policy("trained")
@@ -265,3 +270,6 @@ def make_policy(recipe: Recipe, engine: "SwitchEngine", name: Optional[str] = No
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
     return POLICIES[name].from_recipe(recipe, engine, arg)
+
+
+from . import routers  # noqa: E402,F401  (registers the routing baselines: prompt-route, trained-router)

@@ -26,7 +26,7 @@ from .config import ConfigError, Recipe, to_dict
 from .io import InputError, read_jsonl, write_json_atomic, write_jsonl_atomic
 from .tasks import Task
 
-RUNNER_VERSION = 3  # bump when the rows a runner writes change for the same inputs
+RUNNER_VERSION = 4  # bump when the rows a runner writes change for the same inputs
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,10 @@ def _metrics(results: list[dict], n: int, data: SwitcherDataModule) -> dict:
 
 
 def fit_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Optional[str] = None,
-                 progress: bool = True) -> tuple[SwitcherModule, dict, L.Trainer]:
+                 progress: bool = True, kind: str = "switcher") -> tuple[SwitcherModule, dict, L.Trainer]:
     """Train one switcher on ``data_files`` (optionally one task); return (module, val metrics, trainer).
+
+    ``kind`` names its checkpoint folder (``switcher``, or ``router`` for the trained-router baseline).
 
     ``majority_accuracy`` is the validation accuracy of always answering the training split's most common label.
     """
@@ -72,15 +74,16 @@ def fit_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Opti
                               max_length=train.max_length, micro_batch_size=train.micro_batch_size,
                               val_fraction=train.val_fraction, seed=train.seed)
     data.setup()
-    trainer = fit_module(module, data, train, "train", checkpoint_dir(recipe, "switcher", task), progress)
+    trainer = fit_module(module, data, train, "train", checkpoint_dir(recipe, kind, task), progress)
     results = trainer.validate(module, datamodule=data, verbose=False) if data.val_set is not None else []
     return module, _metrics(results, module.n, data), trainer
 
 
 def train_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Optional[str] = None,
-                   output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
+                   output: Optional[str | Path] = None, progress: bool = True,
+                   kind: str = "switcher") -> tuple[Path, dict]:
     """Train one switcher on ``data_files`` (optionally one task), export it; return (folder, val metrics)."""
-    module, metrics, trainer = fit_switcher(recipe, data_files, task=task, progress=progress)
+    module, metrics, trainer = fit_switcher(recipe, data_files, task=task, progress=progress, kind=kind)
     out = Path(output) if output else switcher_dir(recipe, task)
     export_switcher(module, trainer, recipe, metrics, init_candidate(recipe).source, out)
     return out, metrics
