@@ -204,7 +204,11 @@ class TokenMixture(Method):
         from switchkit.models import tokenizers_match
 
         sources, names = merges.pool_sources(self.recipe.pool)
-        toks = [AutoTokenizer.from_pretrained(s, trust_remote_code=self.recipe.pool.trust_remote_code) for s in sources]
+        try:
+            toks = [AutoTokenizer.from_pretrained(s, trust_remote_code=self.recipe.pool.trust_remote_code)
+                    for s in sources]
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"method {self.name}: cannot read the pool's tokenizers: {str(exc).splitlines()[0]}") from None
         odd = [name for name, tok in zip(names[1:], toks[1:]) if not tokenizers_match(toks[0], tok)]
         if odd:
             raise ConfigError(f"method {self.name} mixes next-token logits, so the pool must share one tokenizer: "
@@ -232,13 +236,19 @@ class ProxyTuning(TokenMixture):
     """Liu et al. (2024), as the paper applies it: best + (best - worst), i.e. weights 2 and -1, with best and worst
     ranked by the candidates' dev scores on the task."""
 
+    def __init__(self, recipe: Recipe, arg=None):
+        super().__init__(recipe, arg)
+        self._ranked: dict[str, list[int]] = {}
+
     def stamp(self, task: str) -> str:
         return f"dev_limit={self.recipe.baselines.dev_limit}"
 
     def weights(self, ctx, task):
         if len(self.recipe.pool.candidates) < 2:
             raise ConfigError("method proxy-tuning needs at least 2 candidates (a best and a worst)")
-        order = ranking(dev_scores(ctx, task))
+        if task not in self._ranked:
+            self._ranked[task] = ranking(dev_scores(ctx, task))
+        order = self._ranked[task]
         return {order[0]: 2.0, order[-1]: -1.0}
 
 

@@ -25,8 +25,11 @@ def check_architectures(method: str, sources: list[str], names: list[str], trust
     from transformers import AutoConfig
 
     shapes = []
-    for source in sources:
-        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    for source, name in zip(sources, names):
+        try:
+            cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"method {method}: cannot read the config of {name}: {str(exc).splitlines()[0]}") from None
         cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
         shapes.append({key: getattr(cfg, key, None) for key in ARCHITECTURE_KEYS})
     for name, shape in zip(names[1:], shapes[1:]):
