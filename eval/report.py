@@ -162,7 +162,8 @@ def build_report(eval_dir: Path) -> dict:
         positions[n] = analysis.position_usage(recs, n_models)
         share[n] = analysis.model_share(recs, n_models)
 
-    cost = {n: analysis.cost_per_query([r for c in columns for r in rows.get((n, c), [])]) for n in names}
+    cost = {n: analysis.cost_per_query([r for c in columns for r in rows.get((n, c), [])])
+            for n in names if n not in ceilings}  # a ceiling's rows are copies: it has no cost of its own
     aligned = next((f"single:{c['name']}" for c in reversed(pool) if c["role"] == "aligned"), None)
     reference = cost.get(aligned) if aligned else None
     for n, summary_cost in cost.items():  # relative to the aligned model alone, over the same columns
