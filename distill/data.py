@@ -47,7 +47,7 @@ class DistillDataModule(EncodedDataModule):
 
     def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer, *, plain_template: str, max_length: int,
                  micro_batch_size: int, val_fraction: float = 0.1, seed: int = 0):
-        super().__init__(tokenizer, collate, micro_batch_size)
+        super().__init__(tokenizer, collate, micro_batch_size, seed)
         self.pairs, self.plain_template, self.max_length = list(pairs), plain_template, max_length
         self.val_fraction, self.seed = val_fraction, seed
 

@@ -130,6 +130,21 @@ def switching_frequency(records: Sequence[Mapping]) -> dict:
     }
 
 
+def answer_in_first_patch(records: Sequence[Mapping]) -> dict:
+    """How often the answer was already fixed in the first patch (by default the aligned model's): the share of
+    responses whose extracted answer occurs in their first segment, overall and among those scored right."""
+    from switchkit.scorers import normalize_answer
+
+    def fixed(r: Mapping) -> bool:
+        segments, answer = r.get("segments") or [], normalize_answer(r.get("extracted") or "")
+        return bool(answer and segments) and f" {answer} " in f" {normalize_answer(segments[0]['text'])} "
+
+    right = [r for r in records if float(r["score"]) >= 0.5]
+    return {"responses": len(records),
+            "in_first_patch": sum(map(fixed, records)) / len(records) if records else 0.0,
+            "right_and_in_first_patch": sum(map(fixed, right)) / len(right) if right else 0.0}
+
+
 def mean_by_id(records: Iterable[Mapping]) -> dict[str, float]:
     """Mean score per example id (averaging over seeds)."""
     groups: dict[str, list[float]] = defaultdict(list)
@@ -219,6 +234,14 @@ def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples:
     res = stats.bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                           method="percentile", rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def paired_gain(ours: Mapping[str, float], reference: Mapping[str, float]) -> dict:
+    """The mean per-example gain of ``ours`` over ``reference`` on their shared examples, with a paired
+    bootstrap 95% CI (resampling examples) and the one-tailed paired t-test's p-value (H1: gain > 0)."""
+    test = paired_test(ours, reference)
+    lo, hi = bootstrap_ci(paired_diffs(ours, reference))
+    return {"n": test["n"], "gain": test["diff"], "ci95": [lo, hi], "p": test["p"]}
 
 
 def paired_diffs(ours: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:

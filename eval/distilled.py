@@ -65,13 +65,15 @@ def gain_report(recipe: Recipe, summary: dict, aligned_method: str) -> dict:
     }
 
 
-def evaluate_distilled(recipe: Recipe) -> dict:
+def evaluate_distilled(recipe: Recipe, overwrite: bool = False) -> dict:
     """Evaluate the distilled model beside the aligned model and switch generation, and write
     ``<run_dir>/distill/report.json``: the share of the switch-generation gain recovered and the cost ratio."""
     aligned_method = f"single:{candidate_name(aligned_candidate(recipe.pool.candidates))}"
     eval_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(
         recipe.eval, methods=[aligned_method, "switch", "distilled"]))
-    report = gain_report(recipe, eval_command(eval_recipe), aligned_method)
+    # its own summary file: the run's results.json keeps every method of `toolkit eval` (cells are shared)
+    summary = eval_command(eval_recipe, overwrite=overwrite, summary="distill_results.json")
+    report = gain_report(recipe, summary, aligned_method)
     report["model"] = str(distilled_model_dir(recipe))
     path = distill_dir(recipe) / "report.json"
     write_json_atomic(path, report)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from switchkit.artifacts import META_FILE, distilled_model_dir, switcher_dir
+from switchkit.artifacts import META_FILE, artifact_stamp, check_switcher, distilled_model_dir, switcher_dir
 from switchkit.config import CandidateConfig, ConfigError, Recipe, candidate_name
-from switchkit.policies import POLICIES, make_policy
+from switchkit.policies import POLICIES, check_policy, make_policy
 from switchkit.registry import registrar
-from switchkit.runner import file_hash
 
 if TYPE_CHECKING:  # pragma: no cover
     from switchkit.engine import SwitchEngine
@@ -39,8 +38,9 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 class Context:
     """What the methods of one eval run share: the pool's engine (loaded on first use) and one policy at a time."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, queries: Sequence[tuple[str, str]] = ()):
         self.recipe = recipe
+        self.queries = list(queries)  # (id, query) pairs checked against the models' contexts when the pool loads
         self._engine: Optional[SwitchEngine] = None
         self._held: tuple[Optional[str], object] = (None, None)
 
@@ -52,6 +52,7 @@ class Context:
             from switchkit.models import load_pool
 
             self._engine = SwitchEngine(load_pool(self.recipe.pool), self.recipe.generation)
+            self._engine.check_queries([q for _, q in self.queries], [i for i, _ in self.queries])
         return self._engine
 
     def hold(self, key: str, load: Callable[[], object]):
@@ -104,7 +105,7 @@ class Method:
     def stamp(self, task: str) -> str:
         """What identifies this method's model for ``task`` in a cell's fingerprint (its artifact's content)."""
         path = self.artifact(task)
-        return file_hash(path) if path is not None and Path(path).is_file() else ""
+        return artifact_stamp(path) if path is not None and Path(path).exists() else ""
 
     def policy(self, ctx: Context, task: str):
         """The policy that answers ``task`` (methods that generate through the recipe's pool)."""
@@ -121,6 +122,12 @@ class PolicyMethod(Method):
     def __init__(self, recipe: Recipe, arg: Optional[str] = None, kind: Optional[str] = None):
         super().__init__(recipe, arg)
         self.kind = kind or self.kind
+
+    def check(self, task: str) -> None:
+        check_policy(self.recipe, self.kind, self.arg)
+
+    def stamp(self, task: str) -> str:
+        return artifact_stamp(POLICIES[self.kind].artifact(self.recipe, self.arg))
 
     def policy(self, ctx, task):
         return ctx.hold(f"policy:{self.name}", lambda: make_policy(self.recipe, ctx.engine, self.kind, self.arg))
@@ -171,6 +178,15 @@ class TrainedSwitcher(Method):
             return None if HUB_ID.match(str(path)) and not path.exists() else path
         return path / META_FILE
 
+    def check(self, task: str) -> None:
+        super().check(task)
+        path = self.switcher_path(task)
+        if path.exists():
+            check_switcher(path, len(self.recipe.pool.candidates), self.recipe.switcher.allow_n_mismatch)
+
+    def stamp(self, task: str) -> str:
+        return artifact_stamp(self.switcher_path(task))
+
     def policy(self, ctx, task):
         path = str(self.switcher_path(task))
         return ctx.hold(f"switcher:{path}", lambda: make_policy(self.recipe, ctx.engine, "trained", path))
@@ -210,6 +226,9 @@ class Distilled(Method):
 
     def artifact(self, task: str) -> Path:
         return distilled_model_dir(self.recipe) / "config.json"
+
+    def stamp(self, task: str) -> str:
+        return artifact_stamp(distilled_model_dir(self.recipe))
 
     def generate(self, ctx, task, queries, seeds):
         from switchkit.engine import SwitchEngine

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from switchkit.io import InputError, read_jsonl, write_json_atomic, write_text_atomic
+from switchkit.io import InputError, atomic_path, check_output, read_jsonl, write_json_atomic, write_text_atomic
 
 from . import analysis
 from .report_markdown import render_markdown
@@ -44,11 +44,17 @@ def load_results(eval_dir: Path) -> tuple[dict, dict[tuple[str, str], list[dict]
         summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: expected a JSON object")
     for key in ("pool", "methods", "cells"):
         if key not in summary:
             raise InputError(f"{path}: missing field {key!r}")
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for cell in summary["cells"]:
+    for i, cell in enumerate(summary["cells"]):
+        if not isinstance(cell, dict) or not {"method", "task", "split", "path"} <= set(cell):
+            raise InputError(f"{path}: cells.{i} needs method, task, split and path")
         rows[(cell["method"], column(cell["task"], cell["split"]))] += read_jsonl(
             eval_dir / cell["path"], required=("id", "score", "segments"))
     return summary, dict(rows)
@@ -78,6 +84,39 @@ def scoring_examples(rows: list[dict], count: int = EXAMPLES) -> list[dict]:
     wrong = [r for r in rows if r["score"] < 0.5][: count - len(right)]
     picked = (right + wrong + [r for r in rows if r not in right and r not in wrong])[:count]
     return [{k: r.get(k) for k in ("id", "input", "output", "gold", "extracted", "score")} for r in picked]
+
+
+def answer(by_id: dict, columns: list[str], tested: list[str], singles: list[str], ceilings: list[str],
+           names: list[str]) -> dict:
+    """The report's lead: each tested method's gain over random switching, the untuned switcher and the best
+    single model (paired over examples, all tasks pooled and per task), beside the oracle ceiling."""
+
+    def pooled(name: str, cols: list[str]) -> dict[str, float]:
+        return {f"{c}|{i}": v for c in cols for i, v in by_id.get(name, {}).get(c, {}).items()}
+
+    def mean(name: str, cols: list[str]) -> Optional[float]:
+        values = list(pooled(name, cols).values())
+        return float(np.mean(values)) if values else None
+
+    def references(cols: list[str]) -> list[tuple[str, str]]:
+        refs = [(ref, ref) for ref in ("random", "untuned") if ref in names]
+        present = [s for s in singles if pooled(s, cols)]
+        if present:
+            best = max(present, key=lambda s: mean(s, cols))
+            refs.append((f"best single ({best})", best))
+        return refs
+
+    def gains(name: str, cols: list[str]) -> list[dict]:
+        return [{"reference": label, "method": ref, **analysis.paired_gain(pooled(name, cols), pooled(ref, cols))}
+                for label, ref in references(cols) if ref != name]
+
+    ceiling = ceilings[0] if ceilings else None
+    return {
+        "oracle": mean(ceiling, columns) if ceiling else None,
+        "rows": [{"method": n, "score": mean(n, columns), "gains": gains(n, columns)} for n in tested],
+        "per_task": {n: {c: gains(n, [c]) for c in columns} for n in tested},
+        "oracle_per_task": {c: mean(ceiling, [c]) for c in columns} if ceiling else {},
+    }
 
 
 def build_report(eval_dir: Path) -> dict:
@@ -130,9 +169,7 @@ def build_report(eval_dir: Path) -> dict:
             significance.append({"method": name, "column": col, "baseline": base, **test,
                                  "stars": analysis.stars(test["p"]), "diff_ci95": [lo, hi]})
 
-    gain = {n: {c: scores[n][c]["mean"] - max(scores[s][c]["mean"] for s in singles if c in scores[s])
-                for c in columns if c in scores[n] and any(c in scores[s] for s in singles)}
-            for n in runnable if n not in singles}
+    headline = answer(by_id, columns, tested, singles, ceilings, names)
 
     new_skills = {n: {c: analysis.new_skills(by_id[n][c], {s: by_id[s][c] for s in singles if c in by_id[s]})
                       for c in columns if c in by_id[n]}
@@ -148,8 +185,9 @@ def build_report(eval_dir: Path) -> dict:
                                                   scores[n][c]["mean"])
                             for c in columns if all(c in scores[s] for s in pre + rest + [n])}
 
-    switching, sequences, positions, share = {}, {}, {}, {}
+    switching, sequences, positions, share, first_patch = {}, {}, {}, {}, {}
     for n in collaborative:
+        first_patch[n] = {c: analysis.answer_in_first_patch(rows[(n, c)]) for c in columns if (n, c) in rows}
         recs = [r for c in columns for r in rows.get((n, c), [])]
         switching[n] = {c: analysis.switching_frequency(rows[(n, c)]) for c in columns if (n, c) in rows}
         switching[n]["all"] = analysis.switching_frequency(recs)
@@ -176,24 +214,32 @@ def build_report(eval_dir: Path) -> dict:
 
     return {
         "recipe": summary.get("recipe"), "pool": pool, "labels": labels, "columns": columns, "examples": examples,
+        "answer": headline,
         "examples_method": shown,
         "methods": methods, "tested": tested, "singles": singles, "ceilings": ceilings,
-        "scores": dict(scores), "average": average, "best": best, "significance": significance, "gain": gain,
+        "scores": dict(scores), "average": average, "best": best, "significance": significance,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
-        "positions": positions, "model_share": share, "cost": cost, "cost_reference": aligned,
+        "positions": positions, "model_share": share, "first_patch": first_patch,
+        "cost": cost, "cost_reference": aligned,
     }
 
 
-def report_command(run_dir: str) -> Path:
-    """Write ``report.md``, ``report.json`` and the PNG plots under ``<eval dir>/report``; return that folder."""
+def report_command(run_dir: str, overwrite: bool = False) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNG plots under ``<eval dir>/report``; return that folder.
+
+    The folder is written as a whole: an earlier report (a view of the saved predictions) is replaced; a
+    ``report`` folder that holds something else is an error unless ``overwrite``."""
     import matplotlib
 
     matplotlib.use("Agg")
     eval_dir = find_eval_dir(run_dir)
-    rep = build_report(eval_dir)
     out = eval_dir / "report"
-    plots = [name for name, plot in PLOTS.items() if plot(rep, out / name)]
-    write_json_atomic(out / "report.json", rep)
-    write_text_atomic(out / "report.md", render_markdown(rep, plots))
+    check_output(out, overwrite=overwrite, ours=(out / "report.json").is_file())
+    rep = build_report(eval_dir)
+    with atomic_path(out, overwrite=out.exists()) as tmp:  # check_output has vetted what is there
+        tmp.mkdir()
+        plots = [name for name, plot in PLOTS.items() if plot(rep, tmp / name)]
+        write_json_atomic(tmp / "report.json", rep)
+        write_text_atomic(tmp / "report.md", render_markdown(rep, plots))
     print(f"report: {out / 'report.md'}")
     return out

@@ -26,9 +26,30 @@ def _cell(value, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _p(p: Optional[float]) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def _answer(ans: dict) -> list[str]:
+    """The lead: one line per tested method with its gains (95% paired bootstrap CI, one-tailed p), then the ceiling."""
+    if not ans["rows"]:
+        return []
+    out = ["", "## The answer", "",
+           "Gain in points (x 100) over each reference, all tasks pooled, paired over examples: mean [95% paired "
+           "bootstrap CI], one-tailed paired t-test p (H1: gain > 0).", ""]
+    for row in ans["rows"]:
+        parts = [f"{g['reference']} {_pct(g['gain'], 1)} [{_pct(g['ci95'][0], 1)}, {_pct(g['ci95'][1], 1)}], "
+                 f"p={_p(g['p'])}" for g in row["gains"]]
+        out.append(f"- **{row['method']}** scores {_pct(row['score'], 1)}; gain over " + "; over ".join(parts) + ".")
+    oracle = ans["oracle"]
+    out.append("- **oracle** (upper bound: per example the best single model) scores "
+               + (f"{_pct(oracle, 1)}." if oracle is not None else "- (add `oracle` to eval.methods to see it)."))
+    return out
 
 
 def render_markdown(rep: dict, plots: list[str]) -> str:
@@ -37,6 +58,7 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     names = [m["name"] for m in rep["methods"]]
     out = [f"# Evaluation report: {rep['recipe']}", ""]
     out.append("Pool: " + ", ".join(f"[{c['index']}] {c['name']} ({c['role']}, `{l}`)" for c, l in zip(rep["pool"], labels)))
+    out += _answer(rep["answer"])
     out += ["", "## Methods x tasks", "",
             "Mean score x 100 (averaged over seeds); best per column in **bold**. `avg` is the mean over columns.", ""]
     best_avg = max(rep["average"], key=rep["average"].get) if rep["average"] else None
@@ -111,6 +133,14 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
             [n, c, f"{v['patches_per_response']:.2f}", f"{v['switches_per_response']:.2f}",
              _pct(v["switches_per_boundary"], 1), _pct(v["responses_with_switch"], 1)]
             for n, per_col in rep["switching"].items() for c, v in per_col.items()])
+
+        out += ["", "## Answer fixed in the first patch", "",
+                "Share (x 100) of responses whose extracted answer already occurs in their first segment (the aligned "
+                "model's first patch, unless the method names every writer): when it is high, later switching "
+                "cannot change the answer.", ""]
+        out += _table(["method", "task", "all responses", "responses scored right"], [
+            [n, c, _pct(v["in_first_patch"], 1), _pct(v["right_and_in_first_patch"], 1)]
+            for n, per_col in rep["first_patch"].items() for c, v in per_col.items()])
 
         out += ["", "## Model use by position", "",
                 "Share (x 100) of the patches in the begin / middle / end third of responses written by each model "

@@ -21,23 +21,30 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_gain(rep: dict, path: Path) -> bool:
-    """Bars: each non-single method's score minus the best single model's, per task."""
+    """Bars with 95% CI error bars: each tested method's gain over random, untuned and the best single model, per task."""
     import matplotlib.pyplot as plt
 
-    gain = {n: g for n, g in rep["gain"].items() if g}
-    if not gain:
+    per_task = {n: g for n, g in rep["answer"]["per_task"].items() if any(g.values())}
+    if not per_task:
         return False
     cols = rep["columns"]
-    width = min(0.8 / len(gain), 0.35)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cols) + 2), 3.6))
-    for k, (n, g) in enumerate(gain.items()):
-        xs = [i + (k - (len(gain) - 1) / 2) * width for i in range(len(cols))]
-        ax.bar(xs, [100 * g.get(c, 0.0) for c in cols], width, label=n)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("gain over best single model (points)")
-    ax.set_title("Gain per task")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(per_task), figsize=(max(5, 2.2 * len(cols) + 2) * len(per_task), 3.8),
+                             squeeze=False)
+    for ax, (name, by_col) in zip(axes[0], per_task.items()):
+        refs = list(dict.fromkeys(g["reference"].split(" (")[0] for gs in by_col.values() for g in gs))
+        width = min(0.8 / len(refs), 0.3)
+        for k, ref in enumerate(refs):
+            found = [next((g for g in by_col[c] if g["reference"].split(" (")[0] == ref), None) for c in cols]
+            xs = [i + (k - (len(refs) - 1) / 2) * width for i in range(len(cols))]
+            ys = [100 * g["gain"] if g else 0.0 for g in found]
+            err = [[100 * (g["gain"] - g["ci95"][0]) if g else 0.0 for g in found],
+                   [100 * (g["ci95"][1] - g["gain"]) if g else 0.0 for g in found]]
+            ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"vs {ref}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_ylabel("gain (points, 95% CI)")
+        ax.set_title(f"{name}: gain per task")
+        ax.legend(fontsize=8)
     _save(fig, path)
     return True
 

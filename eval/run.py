@@ -4,6 +4,7 @@ Layout under the eval folder (:func:`switchkit.artifacts.eval_dir`)::
 
     cells/<method>/<task>/<split>/seed<seed>.jsonl   a finished cell: one prediction per example
     results.json                                     the run's summary, rewritten after each cell
+    distill_results.json                             the same for the methods `toolkit distill` evaluates
 
 Each cell is an output of the core runner (:mod:`switchkit.runner`): resumable batch by batch after a kill,
 fingerprinted (models, generation settings, task content, method and its artifact, seed), and reused only
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from switchkit.artifacts import eval_dir
 from switchkit.config import Recipe, candidate_name, to_dict
-from switchkit.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from switchkit.io import check_output, clear_output, read_jsonl, write_json_atomic, write_jsonl_atomic
+from switchkit.models import check_sources
 from switchkit.runner import fingerprint, is_finished, run_items, scored, task_items
 from switchkit.tasks import Task, content_hash, load_tasks
 
@@ -74,21 +76,28 @@ def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: li
     }
 
 
-def eval_command(recipe: Recipe) -> dict:
+def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "results.json") -> dict:
     """Run every (method, task, split, seed) cell of ``recipe.eval``; return the summary.
 
-    Raises :class:`ConfigError` for an unknown method or a missing artifact (before generating anything).
+    Raises :class:`ConfigError` for an unknown method, a missing artifact, a cell saved under other settings or
+    an eval folder that is not one (the last two unless ``overwrite``), before anything loads.
     """
     methods = build_methods(recipe)
     tasks = eval_tasks(recipe)
     folder = eval_dir(recipe)
+    check_sources(recipe.pool)
+    ours = (folder / "results.json").is_file() or (folder / "cells").is_dir()
+    replace = check_output(folder, overwrite=overwrite, ours=ours)  # a folder that is not an eval folder
     plan = [(m, t, seed, cell_path(folder, m.name, t.name, t.split, seed), cell_fingerprint(recipe, m, t, seed))
             for m in methods for t in tasks for seed in recipe.eval.seeds]
     generated = [cell for cell in plan if not cell[0].computed]
-    pending = [cell for cell in generated if not is_finished(cell[3], cell[4])]
+    pending = [cell for cell in generated if not is_finished(cell[3], cell[4], overwrite)]
     for method, task, *_ in pending:
         method.check(task.name)
-    ctx, cells, rows_of = Context(recipe), [], {}
+    if replace:
+        clear_output(folder)
+    queries = {(e.id, e.query) for _, task, *_ in pending for e in task.examples}
+    ctx, cells, rows_of = Context(recipe, sorted(queries)), [], {}
     todo = {cell[3] for cell in pending}
     with tqdm(total=sum(len(t) for _, t, *_ in pending), desc="eval", unit="ex", disable=not pending) as bar:
         for method, task, seed, path, expected in generated + [cell for cell in plan if cell[0].computed]:
@@ -100,13 +109,13 @@ def eval_command(recipe: Recipe) -> dict:
             else:
                 rows = run_items(path, task_items(task), _generate(ctx, method, task), seed=seed,
                                  batch_size=recipe.generation.batch_size, expected=expected,
-                                 bar=bar if path in todo else None)
+                                 bar=bar if path in todo else None, overwrite=overwrite)
             rows_of[(method.name, task.name, task.split, seed)] = rows
             cells.append({"method": method.name, "task": task.name, "split": task.split, "seed": seed,
                           "n": len(rows), "mean": float(np.mean([r["score"] for r in rows])) if rows else None,
                           "path": str(path.relative_to(folder))})
-            write_json_atomic(folder / "results.json", _summary(recipe, methods, tasks, cells))
+            write_json_atomic(folder / summary, _summary(recipe, methods, tasks, cells))
     ctx.hold("", lambda: None)  # closes the last policy
     print(f"eval: {len(generated) - len(pending)} cached and {len(pending)} new cells; results in "
-          f"{folder / 'results.json'}")
+          f"{folder / summary}")
     return _summary(recipe, methods, tasks, cells)

@@ -7,7 +7,7 @@ Run directory (``run_dir``, default ``runs/<recipe name>``); a recipe's ``*.outp
     task_switchers/ one exported switcher per task (<task>/)                          train.output/<task>
     router/         the trained router (RouteLLM-style baseline), router_data.parquet its training records
     merged/         weight-merged baselines: <method>/ or <method>/<task>/ (HF), each with merge.json
-    checkpoints/    switcher[/<task>]/last.ckpt, distill/last.ckpt
+    checkpoints/    switcher/, task_switchers/<task>/, router/, distill/: last.ckpt, fingerprint.json, logs/
     eval/           cells/, results.json, report/                                    eval.output
     distill/        generations/ (resumable), report.json
     distilled/      the distilled model (HF)                                        distill.output
@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 
 import datasets
 
-from .config import MAX_MODELS, Recipe
-from .io import InputError, atomic_path
+from .config import MAX_MODELS, ConfigError, Recipe
+from .io import InputError, atomic_path, path_hash
 
 # ---------------------------------------------------------------- run-directory layout
 
@@ -81,9 +81,10 @@ def merged_dir(recipe: Recipe, method: str, task: Optional[str] = None) -> Path:
 
 
 def checkpoint_dir(recipe: Recipe, kind: str, task: Optional[str] = None) -> Path:
-    """Lightning checkpoints of a fit: ``<run_dir>/checkpoints/<kind>[/<task>]`` (kind: switcher, router, distill)."""
-    folder = Path(recipe.run_dir) / "checkpoints" / kind
-    return folder / task if task else folder
+    """Lightning checkpoints of a fit: ``<run_dir>/checkpoints/<kind>`` (kind: switcher, router, distill), or
+    ``<run_dir>/checkpoints/task_<kind>s/<task>`` for one task's (beside, not inside, the global fit's folder)."""
+    folder = Path(recipe.run_dir) / "checkpoints"
+    return folder / f"task_{kind}s" / task if task else folder / kind
 
 
 def eval_dir(recipe: Recipe) -> Path:
@@ -162,6 +163,10 @@ def read_meta(folder: str | Path) -> Optional[SwitcherMeta]:
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}: allowed are {', '.join(sorted(names))}")
     meta = SwitcherMeta(**raw)
+    for key, kind in (("candidates", list), ("model_id_tokens", list), ("metrics", dict), ("recipe", dict),
+                      ("adapter", bool)):
+        if not isinstance(getattr(meta, key), kind):
+            raise InputError(f"{path}: {key} must be a JSON {'list' if kind is list else 'object' if kind is dict else 'boolean'}")
     if meta.prompt_format not in FORMATS:
         raise InputError(f"{path}: prompt_format={meta.prompt_format!r} is unknown: allowed are {', '.join(FORMATS)}")
     if not isinstance(meta.n, int) or not 1 <= meta.n <= MAX_MODELS:
@@ -171,6 +176,36 @@ def read_meta(folder: str | Path) -> Optional[SwitcherMeta]:
     for i, cand in enumerate(meta.candidates):
         if not isinstance(cand, dict) or cand.get("role") not in ROLES or "source" not in cand:
             raise InputError(f"{path}: candidates.{i} needs a source and a role in {', '.join(ROLES)}")
+    return meta
+
+
+def artifact_stamp(path: Optional[str | Path]) -> str:
+    """A switcher's or model's identity for a fingerprint: the content hash of a local file or folder, else the
+    name as given (a hub id), or "" for none."""
+    if not path:
+        return ""
+    local = Path(path).expanduser()
+    return f"sha256:{path_hash(local)}" if local.exists() else str(path)
+
+
+def check_switcher(folder: str | Path, n: int, allow_n_mismatch: bool = False) -> Optional[SwitcherMeta]:
+    """Before loading: a local switcher folder holds consistent files for a pool of ``n`` models (a checked
+    ``switchkit.json`` when it has one, safetensors weights, an adapter config for an adapter). Returns its meta."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"switcher {folder}: {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    meta = read_meta(folder)
+    adapter = (folder / "adapter_config.json").is_file()
+    if meta is not None and meta.adapter != adapter:
+        raise InputError(f"switcher {folder}: {META_FILE} says adapter={str(meta.adapter).lower()}, but "
+                         f"adapter_config.json is {'present' if adapter else 'missing'}")
+    if not adapter and not (folder / "config.json").is_file():
+        raise InputError(f"switcher {folder}: no config.json or adapter_config.json: not a model folder")
+    if not list(folder.glob("*.safetensors")):
+        raise InputError(f"switcher {folder}: no .safetensors weights in the folder")
+    if meta is not None and meta.n != n and not allow_n_mismatch:
+        raise ConfigError(f"switcher {folder} was exported for n={meta.n} models, but the pool has {n} candidates "
+                         "(set switcher.allow_n_mismatch=true to apply it to a pool of another size)")
     return meta
 
 
@@ -210,12 +245,28 @@ def _read_file(file: Path) -> datasets.Dataset:
         raise InputError(f"{file}: file not found")
     if file.suffix not in (".parquet", ".jsonl", ".json"):
         raise InputError(f"{file}: unknown data format: use .parquet or .jsonl")
+    quiet = not datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()  # reading a file is quick: no bar before a possible error line
     try:
         if file.suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(file), keep_in_memory=True)
         return datasets.Dataset.from_json(str(file), keep_in_memory=True)
     except Exception as exc:  # pyarrow / datasets raise several types for a malformed file
         raise InputError(f"{file}: cannot read records ({str(exc).strip().splitlines()[0]})") from None
+    finally:
+        if not quiet:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def records_hash(records: datasets.Dataset) -> str:
+    """A content hash of what training reads from synthesized records (prompt, label, utilities, query_id)."""
+    import hashlib
+
+    columns = [c for c in (*REQUIRED, "query_id") if c in records.column_names]
+    digest = hashlib.sha256()
+    for batch in records.select_columns(columns).iter(batch_size=1024):
+        digest.update(json.dumps(batch, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def load_records(paths: str | Path | Sequence[str | Path], n: Optional[int] = None,

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
-from transformers.generation.logits_process import TopPLogitsWarper
 
 from .registry import registrar
 
@@ -110,15 +109,43 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+NUCLEUS_K = 64  # top-p looks at the K most likely tokens first; a row whose nucleus is larger is sorted in full
+
+
+def _inverse_cdf(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Per row, the index where the row's draw in [0, 1) falls on the cumulative (unnormalised) weights."""
+    cdf = weights.cumsum(-1)
+    picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
+    return picked.clamp(max=weights.shape[-1] - 1).squeeze(-1)
+
+
+def _nucleus(probs: torch.Tensor, draws: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
+    """Top-p sampling among each row's ``k`` most likely tokens: a token stays while the mass ranked above it is
+    below ``top_p`` (the rule of transformers' ``TopPLogitsWarper``)."""
+    top, index = probs.topk(k, dim=-1)
+    top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
+    return index.gather(-1, _inverse_cdf(top, draws)[:, None]).squeeze(-1)
+
+
 def sample_tokens(logits: torch.Tensor, seeds: Sequence[int], sampling: Sampling) -> list[int]:
-    """One token per row: argmax at temperature 0, else a draw seeded by the row's seed."""
+    """One token per row: argmax at temperature 0, else a draw seeded by the row's seed (temperature, top-p).
+
+    Exact and vectorised: one uniform draw per row, inverse-CDF sampling; top-p first looks among the
+    :data:`NUCLEUS_K` most likely tokens (enough unless a row's nucleus is larger; such rows are sorted in full),
+    so a large vocabulary is never sorted or scanned by ``multinomial`` row by row.
+    """
     if sampling.temperature == 0:
         return logits.argmax(-1).tolist()
-    scores = logits.float().cpu() / sampling.temperature
-    if sampling.top_p < 1:
-        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
-    probs = scores.softmax(-1)
-    return [int(torch.multinomial(p, 1, generator=torch.Generator().manual_seed(seed))) for p, seed in zip(probs, seeds)]
+    probs = (logits.float() / sampling.temperature).softmax(-1).cpu()
+    draws = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    if sampling.top_p >= 1:
+        return _inverse_cdf(probs, draws).tolist()
+    k = min(NUCLEUS_K, probs.shape[-1])
+    picked = _nucleus(probs, draws, sampling.top_p, k)
+    wide = probs.topk(k, dim=-1).values.sum(-1) < sampling.top_p
+    if wide.any():
+        picked[wide] = _nucleus(probs[wide], draws[wide], sampling.top_p, probs.shape[-1])
+    return picked.tolist()
 
 
 @register_backend("hf")

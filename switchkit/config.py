@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -77,6 +79,8 @@ class GenerationConfig:
     batch_size: int = 8
     seed: int = 0
     backend: str = "hf"  # a name in switchkit.backends.BACKENDS
+    # a query that leaves a candidate less than max_new_tokens of its context: an error, or cut from the left
+    long_inputs: Literal["error", "truncate"] = "error"
 
 
 @dataclass
@@ -282,11 +286,17 @@ _RANGES: list[tuple[str, Any, str]] = [
         ("lora.r", lambda v: v > 0, "an integer > 0"),
         ("lora.alpha", lambda v: v > 0, "an integer > 0"),
         ("lora.dropout", lambda v: 0 <= v < 1, "a float in [0, 1)"),
+        ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+        ("devices", lambda v: re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", v) is not None,
+         "auto, -1, a count such as 2, or device ids such as 0,1"),
     ]],
     ("train.soft_temperature", lambda v: v > 0, "a float > 0"),
     ("distill.min_score", lambda v: v is None or 0 <= v <= 1, "null or a float in [0, 1]"),
     ("tasks.*.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
+    ("eval.tasks.*.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
     ("eval.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
+    ("generation.seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    ("eval.seeds.*", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("baselines.rounds", lambda v: v >= 0, "an integer >= 0"),
     ("baselines.dev_limit", lambda v: v is None or v > 0, "null or an integer > 0"),
     ("baselines.merge_density", lambda v: 0 < v <= 1, "a float in (0, 1]"),
@@ -312,6 +322,8 @@ def validate(recipe: Recipe) -> Recipe:
         for full_key, value in _lookup(recipe, key.split(".")):
             if not ok(value):
                 raise ConfigError(f"{full_key}={value!r} is out of range: allowed is {allowed}")
+    if not recipe.eval.seeds:
+        raise ConfigError("eval.seeds is empty: give at least one seed")
     if recipe.synthesis.shard >= recipe.synthesis.num_shards:
         raise ConfigError(
             f"synthesis.shard={recipe.synthesis.shard} is out of range: allowed is 0..{recipe.synthesis.num_shards - 1}"
@@ -398,10 +410,38 @@ def _describe(exc: OmegaConfBaseException, where: str, key: str = "") -> str:
     key = key or re.sub(r"\[(\d+)\]", r".\1", getattr(exc, "full_key", None) or "")
     msg = str(exc).splitlines()[0]
     if "Key '" in msg and "not in" in msg or "is not in struct" in msg:
-        parent = _existing_parent(key)
-        allowed = _allowed_keys(parent)
-        return f"unknown key {key!r} in {where}: allowed keys{' under ' + repr(parent) if parent else ''} are {allowed}"
+        return _unknown_message(key, where)
     return f"bad value for {key!r} in {where}: {msg}"
+
+
+def _unknown_message(key: str, where: str) -> str:
+    parent = _existing_parent(key)
+    allowed = _allowed_keys(parent)
+    return f"unknown key {key!r} in {where}: allowed keys{' under ' + repr(parent) if parent else ''} are {allowed}"
+
+
+def _unknown_key(node: Any, schema: Any, prefix: str = "") -> Optional[str]:
+    """The full dotted path of the first key of a loaded recipe that the schema lacks (list items included,
+    e.g. ``pool.candidates.0.bogus``), or None."""
+    if not isinstance(node, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            return full
+        kind = hints[key]
+        if is_dataclass(kind):
+            found = _unknown_key(value, kind, full + ".")
+        elif typing.get_origin(kind) is list and typing.get_args(kind) and is_dataclass(typing.get_args(kind)[0]) \
+                and isinstance(value, list):
+            found = next(filter(None, (_unknown_key(item, typing.get_args(kind)[0], f"{full}.{i}.")
+                                       for i, item in enumerate(value))), None)
+        else:
+            found = None
+        if found:
+            return found
+    return None
 
 
 def _existing_parent(key: str) -> str:
@@ -440,10 +480,17 @@ def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     schema = OmegaConf.structured(Recipe)
     try:
         loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-    except Exception as exc:  # YAML syntax
+    except yaml.MarkedYAMLError as exc:  # YAML syntax: keep where
+        mark = exc.problem_mark or exc.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"cannot parse {where}: {at}{exc.problem or exc.context}") from None
+    except Exception as exc:  # other YAML or OmegaConf errors
         raise ConfigError(f"cannot parse {where}: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{where} must be a mapping of keys, got {type(loaded).__name__}")
+    unknown = _unknown_key(OmegaConf.to_container(loaded), Recipe)
+    if unknown:
+        raise ConfigError(_unknown_message(unknown, where))
     try:
         cfg = OmegaConf.merge(schema, loaded)
     except OmegaConfBaseException as exc:

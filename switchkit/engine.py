@@ -24,6 +24,7 @@ the models.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -38,6 +39,12 @@ from .models import Pool, encode_query
 
 if TYPE_CHECKING:  # pragma: no cover
     from .policies import Policy
+
+log = logging.getLogger(__name__)
+
+
+SHARED_PREFIX_MIN = 8  # tokens: a shorter prefix common to a batch's prompts is not worth a pass of its own
+SHARED_PREFIX_CACHE = 16  # shared-prefix states kept per engine
 
 
 def one_hot(n: int, i: int) -> list[float]:
@@ -133,6 +140,7 @@ class SwitchEngine:
         self.eos = [c.eos_token_ids for c in pool.candidates]
         self.stop_len = max((len(s) for s in generation.stop), default=0)
         self.sampling = Sampling(generation.temperature, generation.top_p)
+        self._prefixes: dict = {}  # (model, prefix ids) -> cached state, see _shared_prefix
 
     @property
     def patches(self) -> int:
@@ -142,20 +150,62 @@ class SwitchEngine:
     # -- sequences -------------------------------------------------------------------------------
 
     def start(self, queries: list[str], seeds: list[int], query_ids=None) -> list[SwitchSequence]:
-        """New sequences, one per query, each with its own seeded generator."""
+        """New sequences, one per query, each with its own seeded generator; every model's view starts from the
+        cached state of the prompt prefix the batch shares (:meth:`_shared_prefix`)."""
         query_ids = list(range(len(queries))) if query_ids is None else list(query_ids)
         if not len(queries) == len(seeds) == len(query_ids):
             raise ValueError("queries, seeds and query_ids must have the same length")
-        seqs = []
-        for query, seed, qid in zip(queries, seeds, query_ids):
-            if not isinstance(query, str) or not query.strip():
-                raise InputError(f"query {qid!r} is empty: give a non-empty string")
-            views = []
-            for c in self.pool.candidates:
-                ids = encode_query(c.tokenizer, query, self.pool.plain_template)
-                views.append(View(ids, len(ids)))
-            seqs.append(SwitchSequence(query, qid, seed, views))
-        return seqs
+        prompts = [[self._encode_query(c, q, qid) for q, qid in zip(queries, query_ids)] for c in self.pool.candidates]
+        shared = [self._shared_prefix(m, ids) for m, ids in enumerate(prompts)]
+        return [SwitchSequence(query, qid, seed, [View(prompts[m][r], len(prompts[m][r]), state=shared[m])
+                                                  for m in range(len(self.pool))])
+                for r, (query, seed, qid) in enumerate(zip(queries, seeds, query_ids))]
+
+    def _shared_prefix(self, model: int, prompts: list[list[int]]):
+        """The cached state of the prefix that all ``prompts`` of a model share (a chat template's system turn, a
+        few-shot template), computed once and kept for later batches; None when they share too little."""
+        if len(prompts) < 2:
+            return None
+        length = min(min(map(len, prompts)) - 1, *(common_prefix(prompts[0], p) for p in prompts[1:]))
+        if length < SHARED_PREFIX_MIN:
+            return None
+        key = (model, tuple(prompts[0][:length]))
+        if key not in self._prefixes:
+            if len(self._prefixes) >= SHARED_PREFIX_CACHE:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[key] = self.backend.prefill(model, [list(key[1])], [None])[0]
+        return self._prefixes[key]
+
+    def check_queries(self, queries: list[str], query_ids: list) -> None:
+        """Before generating anything: with ``generation.long_inputs=error``, every query fits every candidate's
+        context beside the response (an :class:`InputError` naming the query and the model otherwise)."""
+        if self.cfg.long_inputs == "error":
+            for query, qid in zip(queries, query_ids):
+                for c in self.pool.candidates:
+                    self._encode_query(c, query, qid)
+
+    def _encode_query(self, c, query: str, qid) -> list[int]:
+        """Candidate ``c``'s ids of the query, which must leave room for the response in its context; a longer
+        query is an error, or with ``generation.long_inputs=truncate`` loses its first tokens (with a warning)."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"query {qid!r} is empty: give a non-empty string")
+        ids = encode_query(c.tokenizer, query, self.pool.plain_template)
+        limit = c.context_length
+        room = limit - self.patches * self.cfg.patch_size if limit else None
+        if room is None or len(ids) <= room:
+            return ids
+        body = c.tokenizer(query, add_special_tokens=False)["input_ids"]
+        cut = len(ids) - room
+        while self.cfg.long_inputs == "truncate" and cut < len(body):
+            ids = encode_query(c.tokenizer, c.tokenizer.decode(body[cut:]), self.pool.plain_template)
+            if len(ids) <= room:
+                log.warning("query %r: cut to its last %d tokens to fit candidate %s's context of %d tokens",
+                            qid, len(body) - cut, c.name, limit)
+                return ids
+            cut += len(ids) - room
+        raise InputError(f"query {qid!r} takes {len(ids)} tokens of candidate {c.name}'s context of {limit}, leaving "
+                         f"less than the {limit - room} tokens of a response: shorten it, lower "
+                         "generation.max_new_tokens, or set generation.long_inputs=truncate")
 
     def fork(self, seq: SwitchSequence, seeds: list[int]) -> list[SwitchSequence]:
         """Copies of ``seq`` that share its written prefix and caches; each gets its own generator."""

@@ -8,6 +8,7 @@ cached under ``<cache_dir>/gguf/``, so the second load reads safetensors instead
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import CandidateConfig, PoolConfig, aligned_index, candidate_name
-from .io import atomic_path
+from .io import atomic_path, path_hash
 
 # name -> (how to find the GGUF file, install command)
 DEMO_MODELS = {
@@ -98,6 +100,36 @@ def resolve_source(cand: CandidateConfig, cache_dir: Path) -> tuple[str, Optiona
     return src, None
 
 
+def source_identity(cand: CandidateConfig) -> str:
+    """What a candidate's weights are, for fingerprints of saved outputs: the installed demo package's version, a
+    content hash of a local GGUF file or HF folder, or a hub id with its revision (pin ``revision`` to make a hub
+    model's outputs reproducible). Loads nothing."""
+    src = cand.source
+    if src.startswith("demo:"):
+        name = src[len("demo:"):]
+        dist = DEMO_MODELS[name][1].split()[-1] if name in DEMO_MODELS else name
+        try:
+            return f"{src} {dist}=={importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{src} (not installed)"
+    path = Path(src).expanduser()
+    if path.exists():
+        return f"{path.name} sha256:{path_hash(path / cand.gguf_file if cand.gguf_file else path)}"
+    return f"{src}@{cand.revision or 'default'}" + (f"/{cand.gguf_file}" if cand.gguf_file else "")
+
+
+def check_sources(cfg: PoolConfig, key: str = "pool.candidates") -> None:
+    """Before loading: every candidate source that names a local path exists (a hub id is checked when it loads)."""
+    for i, cand in enumerate(cfg.candidates):
+        src = cand.source
+        local = src.startswith(("/", "./", "../", "~")) or src.endswith(".gguf")
+        if local and not Path(src).expanduser().exists():
+            raise ModelLoadError(f"{key}.{i}.source={src!r} does not exist")
+        if src.startswith("demo:") and src[len("demo:"):] not in DEMO_MODELS:
+            raise ModelLoadError(f"{key}.{i}.source={src!r}: unknown demo model: allowed are "
+                                 f"{', '.join('demo:' + d for d in DEMO_MODELS)}")
+
+
 def _gguf_cache_key(directory: str, gguf_file: str) -> str:
     path = Path(directory) / gguf_file
     stat = path.stat() if path.exists() else None
@@ -129,7 +161,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # also corrupt weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {source!r}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
     model.to(device).eval()
@@ -146,7 +178,7 @@ def _convert_gguf(directory: str, gguf_file: str, target: Path, kwargs: dict) ->
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_path(target) as tmp:
+    with atomic_path(target, overwrite=True) as tmp:  # the cache's own folder
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "switchkit_source.json").write_text(json.dumps({"gguf": str(Path(directory) / gguf_file)}))
@@ -163,6 +195,12 @@ class Candidate:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     load_seconds: float
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """The longest context the model takes (``max_position_embeddings``), or None when it does not say."""
+        length = getattr(self.model.config, "max_position_embeddings", None)
+        return length if isinstance(length, int) and length > 0 else None
 
     @property
     def eos_token_ids(self) -> set[int]:

@@ -17,13 +17,14 @@ other sequences share its batch. A policy that added something to the backend (a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from .artifacts import read_meta, switcher_dir
+from .artifacts import artifact_stamp, check_switcher, switcher_dir
 from .config import CandidateConfig, ConfigError, Recipe
 from .engine import one_hot
 from .io import InputError
@@ -55,6 +56,12 @@ class Policy:
         if arg is not None:
             raise ConfigError(f"policy {cls.name!r} takes no argument, got {cls.name}:{arg}")
         return cls()
+
+    @classmethod
+    def artifact(cls, recipe: Recipe, arg: Optional[str] = None) -> Optional[str]:
+        """The switcher this policy loads (a folder or a hub id), checked and fingerprinted before anything loads;
+        None when it loads nothing."""
+        return None
 
     def choose(self, engine: "SwitchEngine", seqs: list["SwitchSequence"]) -> list[tuple[int, list[float]]]:
         """One (model id, n probabilities) per sequence."""
@@ -200,10 +207,7 @@ def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Opt
     """
     pool, backend = engine.pool, engine.backend
     folder = Path(path_or_id).expanduser()
-    meta = read_meta(folder) if folder.is_dir() else None
-    if meta and meta.n != len(pool) and not allow_n_mismatch:
-        raise ConfigError(f"switcher {folder} was exported for n={meta.n} models, but the pool has {len(pool)} "
-                          "candidates (set switcher.allow_n_mismatch=true to apply it to a pool of another size)")
+    meta = check_switcher(folder, len(pool), allow_n_mismatch) if folder.exists() else None
     owned: list[int] = []
     if (folder / "adapter_config.json").is_file():
         try:
@@ -237,9 +241,13 @@ class TrainedSwitcher(SwitcherPolicy):
     """A trained switcher: ``arg``, else ``switcher.path``, else the recipe's own export (``<run_dir>/switcher``)."""
 
     @classmethod
+    def artifact(cls, recipe, arg=None):
+        return arg or recipe.switcher.path or str(switcher_dir(recipe))
+
+    @classmethod
     def from_recipe(cls, recipe, engine, arg=None):
         cfg = recipe.switcher
-        path = arg or cfg.path or str(switcher_dir(recipe))
+        path = cls.artifact(recipe, arg)
         if not Path(path).expanduser().exists() and (not arg and not cfg.path):
             raise ConfigError(f"switcher {path} does not exist: run `toolkit train-switcher recipe={recipe.name}` "
                               "or set switcher.path")
@@ -253,14 +261,39 @@ class UntunedSwitcher(SwitcherPolicy):
     else the aligned candidate itself (its weights are shared, nothing is loaded)."""
 
     @classmethod
+    def artifact(cls, recipe, arg=None):
+        return arg or (recipe.switcher.path if recipe.switcher.policy == "untuned" else None)
+
+    @classmethod
     def from_recipe(cls, recipe, engine, arg=None):
         cfg = recipe.switcher
-        path = arg or (cfg.path if cfg.policy == "untuned" else None)
+        path = cls.artifact(recipe, arg)
         if path:
             return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy)
         aligned = engine.pool[engine.pool.aligned_index]
         fmt = _resolve_format(cfg.prompt_format, None, aligned.tokenizer, aligned.name)
         return SwitcherPolicy(engine, aligned.index, aligned.tokenizer, fmt, top_p=cfg.top_p, greedy=cfg.greedy)
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def check_policy(recipe: Recipe, name: Optional[str] = None, arg: Optional[str] = None) -> str:
+    """Before loading: the switcher that policy ``name`` (default ``switcher.policy``) loads is a consistent folder
+    for the pool (or a hub id); returns its stamp for fingerprints (:func:`switchkit.artifacts.artifact_stamp`)."""
+    name = name or recipe.switcher.policy
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
+    path = POLICIES[name].artifact(recipe, arg)
+    if path and not Path(path).expanduser().exists():
+        if HUB_ID.match(path) and (arg or recipe.switcher.path):
+            return path  # a hub id, checked when it loads
+        raise ConfigError(f"switcher {path} does not exist: run `toolkit train-switcher recipe={recipe.name}` "
+                          "or set switcher.path")
+    if path:
+        allow = recipe.switcher.allow_n_mismatch and name == "trained"
+        check_switcher(path, len(recipe.pool.candidates), allow)
+    return artifact_stamp(path)
 
 
 def make_policy(recipe: Recipe, engine: "SwitchEngine", name: Optional[str] = None,

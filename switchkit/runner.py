@@ -13,7 +13,6 @@ writes what an uninterrupted one would have.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from .config import ConfigError, Recipe, to_dict
-from .io import InputError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from .io import (InputError, check_output, check_writable, clear_output, path_hash, read_jsonl, write_json_atomic,
+                 write_jsonl_atomic)
 from .tasks import Task
 
 RUNNER_VERSION = 4  # bump when the rows a runner writes change for the same inputs
@@ -71,22 +71,17 @@ def item_seed(seed: int, index: int) -> int:
 
 
 def fingerprint(recipe: Recipe, switcher: bool = True, **extra) -> dict:
-    """What decides generated rows: the pool, the generation settings, the switcher settings (unless the rows
-    do not depend on them, e.g. a single model's), and ``extra``."""
+    """What decides generated rows: the pool (settings and each model's weights, see
+    :func:`switchkit.models.source_identity`), the generation settings, the switcher settings (unless the rows
+    do not depend on them, e.g. a single model's), the code's format version, and ``extra`` (inputs, task
+    content, method, switcher weights, seed)."""
+    from .models import source_identity
+
     cfg = to_dict(recipe)
     pool = {k: v for k, v in cfg["pool"].items() if k != "cache_dir"}
     generation = {k: v for k, v in cfg["generation"].items() if k != "batch_size"}
-    return {"version": RUNNER_VERSION, "pool": pool, "generation": generation,
-            "switcher": cfg["switcher"] if switcher else None, **extra}
-
-
-def file_hash(path: str | Path) -> str:
-    """A content hash of a file (inputs and task files go into fingerprints by content, not by name)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return {"version": RUNNER_VERSION, "pool": pool, "models": [source_identity(c) for c in recipe.pool.candidates],
+            "generation": generation, "switcher": cfg["switcher"] if switcher else None, **extra}
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -100,19 +95,29 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _check(stored: Path, expected: dict, out: Path) -> bool:
-    """Whether ``stored`` holds ``expected``; False when it does not exist; an error naming what changed."""
+def same_job(stored: Path, expected: dict, out: Path, overwrite: bool = False) -> bool:
+    """Whether the fingerprint file ``stored`` holds ``expected``, so that ``out`` may be reused or continued.
+
+    False when there is no such file, or when it differs and ``overwrite`` is set (the caller then replaces
+    ``out``); a difference without ``overwrite`` is a :class:`ConfigError` naming what changed.
+    """
     if not stored.is_file():
         return False
     try:
         found = json.loads(stored.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        found = {}
+        found = None
     expected = json.loads(json.dumps(expected))  # as it reads back
     if found == expected:
         return True
-    changed = ", ".join(_diff(found, expected)[:4]) or "the fingerprint file"
-    raise ConfigError(f"{out} was made with other settings ({changed} changed): delete it or write elsewhere")
+    if overwrite:
+        return False
+    if not isinstance(found, dict):
+        raise ConfigError(f"{out}: its fingerprint {stored} is unreadable, so it cannot be reused: set "
+                          "overwrite=true to recompute it, or write elsewhere")
+    changed = ", ".join(_diff(found, expected)[:4]) or "the fingerprint"
+    raise ConfigError(f"{out} was made with other settings ({changed} changed): set overwrite=true to recompute "
+                      "it, or write elsewhere")
 
 
 def parts_dir(out: Path) -> Path:
@@ -125,40 +130,71 @@ def fingerprint_file(out: Path) -> Path:
     return out.with_name(out.name + ".fingerprint.json")
 
 
-def is_finished(out: Path, expected: dict) -> bool:
-    """Whether ``out`` is a finished output with the expected fingerprint (an error when it has another)."""
-    return out.is_file() and _check(fingerprint_file(out), expected, out)
+def is_finished(out: Path, expected: dict, overwrite: bool = False) -> bool:
+    """Whether ``out`` is a finished output with the expected fingerprint.
+
+    Also checks, before anything is loaded and without changing anything, that whatever lies at ``out`` is this
+    job's: a finished output or saved batches with another fingerprint, or a file this job did not write, is an
+    error naming it unless ``overwrite`` (then :func:`run_items` replaces it).
+    """
+    out = Path(out)
+    check_writable(out)
+    if out.is_file() and same_job(fingerprint_file(out), expected, out, overwrite):
+        return True
+    parts = parts_dir(out)
+    resumable = same_job(parts / "fingerprint.json", expected, out, overwrite)
+    if resumable:
+        _saved_rows(parts)  # a damaged batch is an error now, not after the models load
+    else:
+        check_output(parts, overwrite=overwrite)
+    # with saved batches of this job, a file at out was written from them (a kill came before its fingerprint)
+    check_output(out, overwrite=overwrite, folder=False, ours=resumable)
+    return False
+
+
+def _saved_rows(parts: Path) -> list[dict]:
+    rows = []
+    for part in sorted(parts.glob("*.jsonl")):
+        try:
+            rows += read_jsonl(part, required=("id",))
+        except InputError as exc:
+            raise InputError(f"{exc} (a saved batch: delete {part} to generate it again)") from None
+    return rows
 
 
 def run_items(out: Path, items: list[Item], generate: Generate, *, seed: int, batch_size: int, expected: dict,
-              bar: Optional[tqdm] = None) -> list[dict]:
-    """Rows for ``items`` in order, written to ``out``; reuses a finished output and resumes saved batches."""
+              bar: Optional[tqdm] = None, overwrite: bool = False) -> list[dict]:
+    """Rows for ``items`` in order, written to ``out``; reuses a finished output and resumes saved batches.
+
+    Anything else at ``out`` is an error (see :func:`is_finished`), or with ``overwrite`` is replaced.
+    """
     out = Path(out)
-    if is_finished(out, expected):
+    if is_finished(out, expected, overwrite):
         rows = read_jsonl(out, required=("id",))
         if [str(r["id"]) for r in rows] != [it.id for it in items]:
-            raise ConfigError(f"{out} holds rows for other items than asked: delete it or write elsewhere")
+            raise ConfigError(f"{out} holds rows for other items than asked: set overwrite=true to recompute it, "
+                              "or write elsewhere")
         if bar is not None:
             bar.update(len(items))
         return rows
     parts = parts_dir(out)
-    done: dict[str, dict] = {}
-    if not _check(parts / "fingerprint.json", expected, out):
-        if out.is_file():
-            raise ConfigError(f"{out} exists without a fingerprint: delete it or write elsewhere")
-        parts.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(parts / "fingerprint.json", expected)
-    saved = sorted(parts.glob("*.jsonl"))
-    for part in saved:
-        done.update((str(r["id"]), r) for r in read_jsonl(part, required=("id",)))
+    if not same_job(parts / "fingerprint.json", expected, out, overwrite=True):
+        clear_output(parts)  # stale work that is_finished let overwrite replace
+    clear_output(fingerprint_file(out))  # so that a kill never pairs a stale fingerprint with new rows
+    if out.is_dir():
+        clear_output(out)
+    done = {str(r["id"]): r for r in _saved_rows(parts)}
     if bar is not None:
         bar.update(sum(it.id in done for it in items))
     todo = [(i, it) for i, it in enumerate(items) if it.id not in done]
-    n_parts = len(saved)
+    n_parts = len(list(parts.glob("*.jsonl")))
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         rows = generate([it for _, it in batch], [item_seed(seed, i) for i, _ in batch])
         rows = [{"id": it.id, **row} for (_, it), row in zip(batch, rows)]
+        if not parts.is_dir():  # created with the first saved batch: a failed first batch leaves nothing
+            parts.mkdir(parents=True)
+            write_json_atomic(parts / "fingerprint.json", expected)
         write_jsonl_atomic(parts / f"{n_parts:05d}.jsonl", rows)
         n_parts += 1
         done.update((row["id"], row) for row in rows)
@@ -174,6 +210,8 @@ def run_items(out: Path, items: list[Item], generate: Generate, *, seed: int, ba
 def read_items(path: str) -> list[Item]:
     """Items of a JSONL file of ``{"input": ...[, "id": ...]}`` lines (id: the line's position when absent)."""
     rows = read_jsonl(path, required=("input",))
+    if not rows:
+        raise InputError(f"{path}: no lines: give one {{\"input\": ...}} object per line")
     lines = [n for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     items = []
     for i, (row, lineno) in enumerate(zip(rows, lines)):
@@ -186,24 +224,31 @@ def read_items(path: str) -> list[Item]:
     return items
 
 
-def generate_command(recipe: Recipe, input: Optional[str] = None, output: Optional[str] = None) -> None:
-    """``toolkit generate``: switch-generate one record per ``{"input": ...}`` line; resumable, written atomically."""
+def generate_command(recipe: Recipe, input: Optional[str] = None, output: Optional[str] = None,
+                     overwrite: bool = False) -> None:
+    """``toolkit generate``: switch-generate one record per ``{"input": ...}`` line; resumable, written atomically.
+
+    Everything is checked before the pool loads: the input file, the policy's switcher, and the output (a
+    finished output of the same job is up to date, saved batches of the same job are resumed, anything else is
+    an error unless ``overwrite``)."""
     from .artifacts import generations_file
     from .engine import SwitchEngine
-    from .models import load_pool
-    from .policies import make_policy
+    from .models import check_sources, load_pool
+    from .policies import check_policy, make_policy
 
     if not input:
         raise ConfigError("input=FILE.jsonl is required: one {\"input\": ...} object per line")
     items = read_items(input)
     out = generations_file(recipe, output)
-    expected = fingerprint(recipe, input=file_hash(input))
-    if is_finished(out, expected):
+    check_sources(recipe.pool)
+    expected = fingerprint(recipe, input=path_hash(input), switcher_model=check_policy(recipe))
+    if is_finished(out, expected, overwrite):
         print(f"generate: {out} is up to date")
         return
     engine = SwitchEngine(load_pool(recipe.pool), recipe.generation)
+    engine.check_queries([it.query for it in items], [it.id for it in items])
     policy = make_policy(recipe, engine)
     with tqdm(total=len(items), unit="query", desc="generate") as bar:
         run_items(out, items, engine_generate(engine, policy), seed=recipe.generation.seed,
-                  batch_size=recipe.generation.batch_size, expected=expected, bar=bar)
+                  batch_size=recipe.generation.batch_size, expected=expected, bar=bar, overwrite=overwrite)
     print(f"generate: {out}")

@@ -4,9 +4,11 @@ Sources (``TaskConfig.source``):
 
 - ``paper:NAME``: one of the paper's 18 tasks (:mod:`switchkit.suite`): its task type and scorer settings,
   data from ``$SWITCHKIT_DATA/<file>`` (default ``data/``) in the ``{task_type, dev, test}`` format.
-- ``builtin:capitals``: the demo task shipped in ``switchkit/data/capitals.jsonl`` ("What is the
-  capital of X?", with largest-city traps); ``builtin:languages`` ("What is the official language of
-  X?", the demo's unseen task). Rows alternate between ``dev`` (even) and ``test`` (odd).
+- ``builtin:NAME``: a short-answer task shipped with the package as ``switchkit/data/NAME.json`` in the
+  ``{task_type, dev, test}`` format (disjoint splits, at least 200 test queries): ``capitals`` (countries and
+  first-level regions; the base model leads, with largest-city traps), ``plurals`` (irregular nouns among
+  them; the instruct model leads), ``antonyms``, ``city_country`` and ``past_tense``. The facts are
+  general knowledge; the text is ours.
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` file. A ``.json`` file holding one object
   ``{"task_type", "dev", "test"}`` (the MoCo format) is read unchanged: ``split`` picks the list and the
   file's ``task_type`` picks the scorer. Any other file is a list of rows (all rows are the split).
@@ -34,8 +36,6 @@ from .scorers import Scored, accepted_answers, get_scorer
 
 log = logging.getLogger(__name__)
 
-# built-in demo tasks: facts shipped in switchkit/data/<name>.jsonl and the question asked about each country
-BUILTINS = {"capitals": "What is the capital of {country}?", "languages": "What is the official language of {country}?"}
 LETTERS = string.ascii_uppercase
 
 # task type -> (required fields, optional fields) of a row
@@ -69,9 +69,10 @@ class Example:
 class Task:
     """A loaded task split with its scorer."""
 
-    def __init__(self, name: str, type: str, split: str, examples: list[Example], scorer):
+    def __init__(self, name: str, type: str, split: str, examples: list[Example], scorer, scorer_key: str = ""):
         self.name, self.type, self.split, self.examples = name, type, split, examples
         self.scorer = scorer
+        self.scorer_key = scorer_key  # what decides the scores beyond the type (reward model or judge, and its weights)
 
     def judge(self, examples: list[Example], responses: list[str]) -> list[Scored]:
         """The :class:`~switchkit.scorers.Scored` of ``responses[i]`` to ``examples[i]``: score and what was extracted (batched)."""
@@ -180,18 +181,10 @@ def make_example(task: str, split: str, index: int, task_type: str, raw: Any, fi
 # ---------------------------------------------------------------- loaders
 
 
-def _builtin_rows(name: str, split: str) -> tuple[list[dict], str]:
-    if name not in BUILTINS:
-        raise InputError(f"unknown builtin task 'builtin:{name}': allowed are {', '.join('builtin:' + b for b in BUILTINS)}")
-    if split not in ("dev", "test"):
-        raise InputError(f"builtin:{name} has splits dev and test, not {split!r}")
-    node = resources.files("switchkit").joinpath("data", f"{name}.jsonl")
-    with resources.as_file(node) as path:
-        facts = read_jsonl(path, required=("country", "answers"))
-    offset = 0 if split == "dev" else 1
-    rows = [{"input": BUILTINS[name].format(country=f["country"]), "output": f["answers"], "country": f["country"]}
-            for f in facts[offset::2]]
-    return rows, f"builtin:{name}"
+def builtin_tasks() -> list[str]:
+    """The names of the built-in tasks (``builtin:NAME``)."""
+    return sorted(p.name[: -len(".json")] for p in resources.files("switchkit").joinpath("data").iterdir()
+                  if p.name.endswith(".json"))
 
 
 def _json_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], str]:
@@ -199,6 +192,8 @@ def _json_rows(path: Path, split: str) -> tuple[list[Any], Optional[str], str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     if isinstance(data, list):
         return data, None, f"{path} row {{}}"
     if not isinstance(data, dict):
@@ -267,11 +262,15 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
     split = split or cfg.split
     limit = limit if limit is not None else cfg.limit
     task_type = cfg.type
-    if cfg.source.startswith("builtin:"):
-        rows, where = _builtin_rows(cfg.source.split(":", 1)[1], split)
-        row_where = lambda i: f"{where} [{split}] row {i}"  # noqa: E731
-    elif _is_local(cfg.source):
-        path = Path(cfg.source)
+    if cfg.source.startswith("builtin:") or _is_local(cfg.source):
+        if cfg.source.startswith("builtin:"):
+            name = cfg.source.split(":", 1)[1]
+            if name not in builtin_tasks():
+                raise InputError(f"unknown builtin task 'builtin:{name}': allowed are "
+                                 f"{', '.join('builtin:' + b for b in builtin_tasks())}")
+            path = Path(str(resources.files("switchkit").joinpath("data", f"{name}.json")))
+        else:
+            path = Path(cfg.source)
         rows, file_type, row_where = _local_rows(path, split)
         if file_type and file_type != task_type:
             log.info("task %s: %s declares task_type=%s; it picks the scorer (recipe type %s ignored)",
@@ -288,7 +287,23 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
         raise ConfigError(f"task {cfg.name}: type reward_model needs reward_model: a hub id or local directory")
     scorer = get_scorer(task_type, cfg.reward_model, judge=cfg.judge, task=cfg.name, scorer_model=cfg.scorer_model,
                         trust_remote_code=trust_remote_code)
-    return Task(cfg.name, task_type, split, examples, scorer)
+    return Task(cfg.name, task_type, split, examples, scorer, _scorer_key(task_type, cfg))
+
+
+def _scorer_key(task_type: str, cfg: TaskConfig) -> str:
+    """The scorer's identity for fingerprints: a reward model's or judge's weights and settings."""
+    from dataclasses import asdict
+
+    from .config import CandidateConfig
+    from .models import source_identity
+
+    if task_type == "reward_model" and cfg.reward_model:
+        return source_identity(CandidateConfig(source=cfg.reward_model))
+    if task_type == "judge" and cfg.judge.model:
+        return json.dumps([source_identity(CandidateConfig(source=cfg.judge.model)), asdict(cfg.judge)], sort_keys=True)
+    if task_type in ("coverage", "diversity") and cfg.scorer_model:
+        return source_identity(CandidateConfig(source=cfg.scorer_model))
+    return ""
 
 
 
@@ -315,8 +330,9 @@ def load_tasks(cfgs: list[TaskConfig], *, splits: Optional[list[str]] = None, li
 
 
 def content_hash(task: Task) -> str:
-    """A hash of what a task asks and expects (type, ids, queries, golds), for fingerprints of saved outputs."""
+    """A hash of what a task asks and expects (type, scorer, ids, queries, golds), for fingerprints of saved outputs."""
     import hashlib
 
-    body = json.dumps([task.type, [(e.id, e.query, e.gold) for e in task.examples]], sort_keys=True, default=str)
+    body = json.dumps([task.type, task.scorer_key, [(e.id, e.query, e.gold) for e in task.examples]], sort_keys=True,
+                      default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -25,7 +25,7 @@ def test_demo_pipeline_small(tmp_path):
     meta = json.loads((tmp_path / "switcher" / "switchkit.json").read_text())
     assert meta["n"] == 2 and meta["adapter"] and meta["base_model"] == "demo:smollm2-135m-instruct"
     stats = json.loads((tmp_path / "synthesis" / "stats.json").read_text())
-    assert stats["records"] == 8 and sum(stats["label_distribution"].values()) == 8
+    assert stats["records"] == 16 and sum(stats["label_distribution"].values()) == 16  # 8 for each of 2 tasks
 
     toolkit("eval", "recipe=demo", *small)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

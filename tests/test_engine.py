@@ -343,3 +343,41 @@ def test_demo_pool_switches_at_text_level():
             view = seq.views[m]
             assert cand.tokenizer.decode(view.ids[view.prompt_len:]) == seq.text
     assert writers == {0, 1}
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 0.9), (1.0, 0.5), (1.0, 1.0), (3.0, 0.999)])
+def test_sampling_matches_the_top_p_distribution(temperature, top_p):
+    """Seeded inverse-CDF sampling draws from transformers' top-p distribution (the 3.0/0.999 case has a nucleus
+    wider than NUCLEUS_K, so it takes the full-sort path)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from switchkit.backends import NUCLEUS_K, Sampling, sample_tokens
+
+    logits = torch.randn(2, 4 * NUCLEUS_K, generator=torch.Generator().manual_seed(0)) * 2
+    scores = logits / temperature
+    expected = (TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores).softmax(-1)
+    draws = torch.tensor([sample_tokens(logits, [2 * s, 2 * s + 1], Sampling(temperature, top_p)) for s in range(1000)])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=logits.shape[1]).float() / len(draws)
+        assert bool(((freq > 0) <= (expected[row] > 0)).all())  # never outside the nucleus
+        assert float((freq - expected[row]).abs().max()) < 0.06
+    assert sample_tokens(logits, [1, 2], Sampling(temperature, top_p)) == sample_tokens(logits, [1, 2], Sampling(temperature, top_p))
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing(pool, monkeypatch):
+    import switchkit.engine as engine_module
+
+    queries = ["the quick brown fox jumps over the lazy dog, then asks: what is the capital of France?",
+               "the quick brown fox jumps over the lazy dog, then asks: what is the capital of Canada?"]
+    cfg = GenerationConfig(patch_size=4, max_new_tokens=16, temperature=0.0)
+    engine = SwitchEngine(pool, cfg)
+    seqs = engine.start(queries, [0, 1])
+    shared = seqs[0].views[2].state
+    assert shared is not None and shared is seqs[1].views[2].state  # one pass for the batch's common prefix
+    assert len(shared.ids) >= engine_module.SHARED_PREFIX_MIN
+    with_prefix = [s.text for s in engine.run(seqs, RandomPolicy())]
+    monkeypatch.setattr(engine_module, "SHARED_PREFIX_MIN", 10_000)
+    plain = SwitchEngine(pool, cfg)
+    seqs = plain.start(queries, [0, 1])
+    assert seqs[0].views[2].state is None
+    assert [s.text for s in plain.run(seqs, RandomPolicy())] == with_prefix

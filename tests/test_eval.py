@@ -277,3 +277,26 @@ def test_per_task_lora_switchers_and_the_global_one_in_one_run(tmp_path, tiny_po
     for cell in summary["cells"]:
         rows = read_jsonl(tmp_path / "run" / "eval" / cell["path"])
         assert all(len(p) == 3 for r in rows for p in r["switch_probs"])
+
+
+def test_oracle_is_the_per_example_best_single_and_never_a_baseline(tiny_recipe):
+    recipe = load_recipe(str(tiny_recipe), ["eval.methods=[oracle, random]", "eval.limit=3"])
+    summary = eval_command(recipe)
+    assert [c["method"] for c in summary["cells"]] == [
+        "single:base", "single:sft", "single:aligned", "random", "oracle"]  # oracle brings the singles, runs last
+    cells = {c["method"]: read_jsonl(tiny_recipe.parent / "run" / "eval" / c["path"]) for c in summary["cells"]}
+    for i, row in enumerate(cells["oracle"]):
+        assert row["score"] == max(cells[f"single:{n}"][i]["score"] for n in ("base", "sft", "aligned"))
+    from switchkit.eval.report import build_report
+
+    rep = build_report(tiny_recipe.parent / "run" / "eval")
+    assert rep["ceilings"] == ["oracle"] and "oracle" not in rep["singles"]
+    assert all(s["baseline"] != "oracle" for s in rep["significance"]) and rep["best"]["qa/test"] != "oracle"
+
+
+def test_answer_in_first_patch():
+    rows = [{"score": 1, "extracted": "Paris", "segments": [{"text": "The capital is Paris"}, {"text": "."}]},
+            {"score": 1, "extracted": "Ottawa", "segments": [{"text": "The capital of"}, {"text": " Canada is Ottawa"}]},
+            {"score": 0, "extracted": None, "segments": [{"text": "x"}]}]
+    assert analysis.answer_in_first_patch(rows) == {"responses": 3, "in_first_patch": 1 / 3,
+                                                    "right_and_in_first_patch": 0.5}

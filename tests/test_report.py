@@ -57,8 +57,14 @@ def test_report_renders_tables_plots_and_json(tmp_path):
     md = (out / "report.md").read_text()
     for heading in ("## Methods x tasks", "## Significance against the best baseline", "## New skills",
                     "## P-performance and P-helpfulness", "## Switching frequency", "## Model use by position",
-                    "## Switching sequences", "## How responses were scored (switch)"):
+                    "## Switching sequences", "## How responses were scored (switch)", "## The answer"):
         assert heading in md
+    # the lead: switch 4/6 vs the best single (chat, 3/6), paired over the six examples
+    lead = json.loads((out / "report.json").read_text())["answer"]
+    gain = lead["rows"][0]["gains"][0]
+    assert gain["reference"] == "best single (single:chat)" and gain["gain"] == pytest.approx(1 / 6)
+    assert gain["ci95"][0] <= 1 / 6 <= gain["ci95"][1] and 0 < gain["p"] < 1
+    assert "- **switch** scores 66.7; gain over best single (single:chat) 16.7 [" in md
     # a few predictions per task with what the scorer extracted: two right, two wrong
     assert "| qa/test | q0 | x \\| y | y | y | 1.00 |" in md and "| qa/test | q3 | x \\| y | y | x | 0.00 |" in md
     # switch scores 4/6 = 66.67, the best single (chat) 3/6 = 50.00: switch is bold in the methods x tasks table

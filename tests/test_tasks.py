@@ -10,18 +10,25 @@ import pytest
 from switchkit.config import ConfigError, JudgeConfig, TaskConfig, load_recipe
 from switchkit.io import InputError
 from switchkit.scorers import JudgeScorer, Scored
-from switchkit.tasks import load_task
+from switchkit.tasks import builtin_tasks, load_task
 
 
 def _cfg(source, type="exact_match", **kw):
     return TaskConfig(name="t", type=type, source=str(source), **kw)
 
 
-def test_builtin_capitals_split_and_traps():
+@pytest.mark.parametrize("name", builtin_tasks())
+def test_builtin_tasks_have_disjoint_dev_and_200_test_queries(name):
+    dev = load_task(_cfg(f"builtin:{name}", "f1_match"))
+    test = load_task(_cfg(f"builtin:{name}", "f1_match"), split="test")
+    assert len(dev) >= 150 and len(test) >= 200
+    assert not {e.query for e in dev.examples} & {e.query for e in test.examples}
+    assert all(e.gold and all(g.strip() for g in e.gold) for e in dev.examples + test.examples)
+
+
+def test_builtin_capitals_traps():
     dev = load_task(_cfg("builtin:capitals", "f1_match"))
     test = load_task(_cfg("builtin:capitals", "f1_match"), split="test")
-    assert len(dev) >= 40 and len(test) >= 40
-    assert not {e.query for e in dev.examples} & {e.query for e in test.examples}
     queries = {e.query: e for e in dev.examples + test.examples}
     for country, capital, trap in [("Canada", "Ottawa", "Toronto"), ("Australia", "Canberra", "Sydney"),
                                    ("Nigeria", "Abuja", "Lagos"), ("Turkey", "Ankara", "Istanbul")]:

@@ -147,11 +147,11 @@ def test_resume_continues_the_run(tmp_path, tiny_pool_dirs, data_file, capsys):
     path = recipe_file(tmp_path, tiny_pool_dirs, epochs=1)
     train_switcher(load_recipe(path), [data_file], progress=False)
     last = tmp_path / "run" / "checkpoints" / "switcher" / "last.ckpt"
-    first = torch.load(last, weights_only=False)  # written by this run
+    first = torch.load(last, weights_only=True)
     train_switcher(load_recipe(path, ["train.epochs=3"]), [data_file], progress=False)
-    second = torch.load(last, weights_only=False)
+    second = torch.load(last, weights_only=True)
     assert "resuming from" in capsys.readouterr().out
-    assert (first["epoch"], second["epoch"]) == (1, 3)  # completed epochs
+    assert (first["epoch"], second["epoch"]) == (0, 2)  # saved at each epoch's end: the index of the finished epoch
     assert second["global_step"] == 3 * first["global_step"]
     # checkpoints hold trainable weights only; with full fine-tuning that is every weight
     assert all(k.startswith("model.") for k in second["state_dict"])
@@ -160,7 +160,7 @@ def test_resume_continues_the_run(tmp_path, tiny_pool_dirs, data_file, capsys):
 def test_lora_checkpoint_holds_only_adapter(tmp_path, tiny_pool_dirs, data_file):
     path = recipe_file(tmp_path, tiny_pool_dirs, epochs=1, lora={"enabled": True, "r": 4})
     train_switcher(load_recipe(path), [data_file], progress=False)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "switcher" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "switcher" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in k for k in state)
 
 

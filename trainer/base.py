@@ -2,41 +2,63 @@
 
 It owns what every fit needs: the backbone (a pool candidate, float32 on CPU or bf16 for bf16-true and
 DeepSpeed) with optional LoRA and gradient checkpointing, AdamW over the trainable parameters, checkpoints that
-hold only trainable weights, the Lightning trainer with its strategy (:mod:`.strategies`), resume from
-``last.ckpt``, and an export that gathers ZeRO-3-partitioned weights before saving.
+hold only trainable weights, the Lightning trainer with its strategy (:mod:`.strategies`), a fingerprint of
+each fit (:func:`fit_fingerprint`) so that ``last.ckpt`` is continued only by the same job and loaded as weights
+only, a shuffle that a resumed fit repeats exactly, and an export that gathers ZeRO-3-partitioned weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from switchkit.config import CandidateConfig, ConfigError, FitConfig, LoraConfig, Recipe
-from switchkit.io import atomic_path
-from switchkit.models import load_source
+from switchkit.config import CandidateConfig, ConfigError, FitConfig, LoraConfig, Recipe, to_dict
+from switchkit.io import InputError, atomic_path, check_output, clear_output, write_json_atomic
+from switchkit.models import load_source, source_identity
+from switchkit.runner import same_job
 
 from .strategies import backbone_dtype, check_strategy, make_trainer
+
+
+class EpochShuffle(Sampler):
+    """A shuffle drawn from (seed, epoch): Lightning sets the epoch, so a fit resumed at an epoch boundary sees
+    the same order as one that never stopped."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class EncodedDataModule(L.LightningDataModule):
     """Encoded rows split into ``train_set`` and ``val_set`` (set by :meth:`setup`), served as micro-batches
     padded by ``collate(rows, pad_id)``."""
 
-    def __init__(self, tokenizer, collate: Callable[[list[dict], int], dict], micro_batch_size: int):
+    def __init__(self, tokenizer, collate: Callable[[list[dict], int], dict], micro_batch_size: int, seed: int = 0):
         super().__init__()
         self.tokenizer, self.collate, self.micro_batch_size = tokenizer, collate, micro_batch_size
+        self.shuffle_seed = seed
         self.train_set = None
         self.val_set = None
 
     def _loader(self, rows, shuffle: bool) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(rows, batch_size=self.micro_batch_size, shuffle=shuffle,
+        return DataLoader(rows, batch_size=self.micro_batch_size,
+                          sampler=EpochShuffle(len(rows), self.shuffle_seed) if shuffle else None,
                           collate_fn=lambda batch: self.collate(batch, pad_id))
 
     def train_dataloader(self) -> DataLoader:
@@ -95,15 +117,84 @@ def load_backbone(recipe: Recipe, candidate: CandidateConfig, fit: FitConfig, ke
     return model, tokenizer
 
 
-def fit_module(module: TrainableModule, data: L.LightningDataModule, fit: FitConfig, key: str, ckpt_dir: Path,
-               progress: bool = True) -> L.Trainer:
-    """Train ``module``; resumes from ``ckpt_dir/last.ckpt`` (written by this run) when ``resume`` is set."""
-    trainer = make_trainer(fit, key, ckpt_dir, progress)
+FIT_VERSION = 1  # bump when the checkpoints or exports of a fit change for the same inputs
+
+
+def fit_fingerprint(recipe: Recipe, section: str, candidate: CandidateConfig, **data) -> dict:
+    """What decides a fit's checkpoints and export: the backbone (config and weights), the ``section``'s settings
+    except those that only extend or place it (epochs, resume, output, input paths), and ``data`` (content hashes
+    of the training data and anything else the caller adds)."""
+    skip = ("epochs", "resume", "output", "data", "generations")
+    settings = {k: v for k, v in to_dict(recipe)[section].items() if k not in skip}
+    return {"version": FIT_VERSION, "init": {**dataclasses.asdict(candidate), "weights": source_identity(candidate)},
+            section: settings, **data}
+
+
+@dataclass
+class FitPlan:
+    """What a fit continues and replaces, decided by :func:`plan_fit` before anything loads."""
+
+    ckpt_dir: Path
+    expected: dict
+    out: Path
+    resume: Optional[Path]  # last.ckpt of this job, to continue from
+    fresh: bool  # the checkpoint folder holds other work that overwrite=true replaces
+    replace_out: bool  # the export replaces what is at out (this job's earlier export, or overwrite=true)
+    epochs_done: int = 0  # completed epochs in last.ckpt
+    epochs: int = 0
+
+    @property
+    def finished(self) -> bool:
+        """This job trained every epoch and exported to ``out`` already: nothing is left to do."""
+        return self.resume is not None and self.epochs_done >= self.epochs and self.out.is_dir() and \
+            any(self.out.iterdir())
+
+
+def check_checkpoint(path: Path) -> int:
+    """A checkpoint to resume from loads as weights only (no code is unpickled) and is a Lightning checkpoint;
+    returns its number of completed epochs."""
+    if path.is_dir():  # a DeepSpeed checkpoint folder: DeepSpeed reads it
+        return 0
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a readable checkpoint ({first}): delete it, or rerun with overwrite=true, "
+                         "to restart the fit from scratch") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise InputError(f"{path}: not a Lightning checkpoint (no state_dict): delete it, or rerun with "
+                         "overwrite=true, to restart the fit from scratch")
+    return int(ckpt.get("epoch", -1)) + 1  # saved at the end of each epoch: "epoch" is the finished one's index
+
+
+def plan_fit(ckpt_dir: Path, expected: dict, fit: FitConfig, key: str, out: Path, overwrite: bool) -> FitPlan:
+    """Before loading: checkpoints are continued only under the same fingerprint and the export folder is this
+    job's or new; anything else is an error naming it (and what changed), unless ``overwrite``."""
+    same = same_job(ckpt_dir / "fingerprint.json", expected, ckpt_dir, overwrite)
+    fresh = not same and check_output(ckpt_dir, overwrite=overwrite)
     last = ckpt_dir / "last.ckpt"
-    resume = str(last) if fit.resume and last.exists() else None
-    if resume:
-        print(f"resuming from {resume}")
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if same and last.exists() and not fit.resume:
+        if not overwrite:
+            raise ConfigError(f"{key}.resume=false, but {last} exists: set overwrite=true to start the fit over, "
+                              f"or {key}.resume=true to continue it")
+        fresh = True
+    resume = last if same and fit.resume and last.exists() else None
+    done = check_checkpoint(resume) if resume is not None else 0
+    replace_out = check_output(out, overwrite=overwrite, ours=same) or same
+    return FitPlan(ckpt_dir, expected, Path(out), resume, fresh, replace_out, done, fit.epochs)
+
+
+def fit_module(module: TrainableModule, data: L.LightningDataModule, fit: FitConfig, key: str, plan: FitPlan,
+               progress: bool = True) -> L.Trainer:
+    """Train ``module`` as ``plan`` says: continue this job's ``last.ckpt`` (loaded as weights only), or start
+    over in a checkpoint folder stamped with the job's fingerprint."""
+    if plan.fresh:
+        clear_output(plan.ckpt_dir)
+    write_json_atomic(plan.ckpt_dir / "fingerprint.json", plan.expected)
+    trainer = make_trainer(fit, key, plan.ckpt_dir, progress)
+    if plan.resume:
+        print(f"resuming from {plan.resume}")
+    trainer.fit(module, datamodule=data, ckpt_path=str(plan.resume) if plan.resume else None, weights_only=True)
     return trainer
 
 
@@ -117,10 +208,11 @@ def _gathered(module: TrainableModule, strategy: str):
 
 
 def export_model(module: TrainableModule, trainer: L.Trainer, fit: FitConfig, out: Path, *, merge: bool,
-                 extra: Optional[Callable[[object, Path], None]] = None) -> Path:
+                 extra: Optional[Callable[[object, Path], None]] = None, replace: bool = False) -> Path:
     """Save the module's model (a peft adapter, or merged when ``merge``) and tokenizer to ``out`` atomically.
 
-    ``extra(model, folder)`` adds files to the folder before it is swapped in. Only the global-zero rank writes.
+    ``extra(model, folder)`` adds files to the folder before it is swapped in; an existing folder at ``out`` is
+    replaced only with ``replace`` (:attr:`FitPlan.replace_out`). Only the global-zero rank writes.
     """
     with _gathered(module, fit.strategy):
         if trainer.is_global_zero:
@@ -128,7 +220,7 @@ def export_model(module: TrainableModule, trainer: L.Trainer, fit: FitConfig, ou
             if merge and hasattr(model, "peft_config"):
                 model = module.model = model.merge_and_unload()
             model.config.use_cache = True
-            with atomic_path(out) as tmp:
+            with atomic_path(out, overwrite=replace) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 module.tokenizer.save_pretrained(tmp)
                 if extra is not None:

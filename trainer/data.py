@@ -62,18 +62,21 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 class SwitcherDataModule(EncodedDataModule):
     """Encoded switcher records with a seeded train/validation split by query."""
 
-    def __init__(self, files: Sequence[str | Path], tokenizer, fmt: PromptFormat, vocab: SwitcherVocab, *,
+    def __init__(self, files: Sequence[str | Path] | datasets.Dataset, tokenizer, fmt: PromptFormat,
+                 vocab: SwitcherVocab, *,
                  task: Optional[str] = None, max_length: int = 1024, micro_batch_size: int = 8,
                  val_fraction: float = 0.1, seed: int = 0):
-        super().__init__(tokenizer, collate, micro_batch_size)
-        self.files, self.format, self.vocab, self.task = list(files), fmt, vocab, task
+        super().__init__(tokenizer, collate, micro_batch_size, seed)
+        self.files = files if isinstance(files, datasets.Dataset) else list(files)  # checked records, or files
+        self.format, self.vocab, self.task = fmt, vocab, task
         self.max_length, self.val_fraction, self.seed = max_length, val_fraction, seed
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Load, encode and split the records (once)."""
         if self.train_set is not None:
             return
-        data = load_records(self.files, len(self.vocab.token_ids), self.task)
+        data = self.files if isinstance(self.files, datasets.Dataset) else \
+            load_records(self.files, len(self.vocab.token_ids), self.task)
         keep = [c for c in ("prompt", "label", "utilities", "query_id") if c in data.column_names]
         data = data.select_columns(keep).map(
             lambda batch: {"input_ids": [self.format.encode(self.tokenizer, self.vocab, p, self.max_length)

@@ -25,8 +25,9 @@ def candidate_entries(recipe: Recipe) -> list[dict]:
 
 
 def export_switcher(module: SwitcherModule, trainer: L.Trainer, recipe: Recipe, metrics: dict, base_source: str,
-                    out: Path) -> Path:
-    """Save ``module``'s switcher to ``out`` atomically (call it last: a merge replaces the module's model)."""
+                    out: Path, replace: bool = False) -> Path:
+    """Save ``module``'s switcher to ``out`` atomically (call it last: a merge replaces the module's model); an
+    existing folder at ``out`` is replaced only with ``replace``."""
     merge = recipe.train.merge_lora
 
     def meta(model, folder: Path) -> None:
@@ -36,4 +37,4 @@ def export_switcher(module: SwitcherModule, trainer: L.Trainer, recipe: Recipe, 
             base_model=base_source if adapter else None, model_id_tokens=list(module.vocab.token_ids),
             max_length=module.max_length, metrics=metrics, recipe=to_dict(recipe)))
 
-    return export_model(module, trainer, recipe.train, out, merge=merge, extra=meta)
+    return export_model(module, trainer, recipe.train, out, merge=merge, extra=meta, replace=replace)

@@ -1,7 +1,8 @@
 """``toolkit train-switcher``: synthesize (if needed), train, export.
 
-Training resumes from ``<run_dir>/checkpoints/switcher[/<task>]/last.ckpt`` when it exists, so rerunning the
-same command continues the run (raise ``train.epochs`` to train further). Exported weights are safetensors.
+Training resumes from ``<run_dir>/checkpoints/switcher/last.ckpt`` (``checkpoints/task_switchers/<task>/`` per
+task) when the checkpoint folder's fingerprint matches the job, so rerunning the same command continues the run
+(raise ``train.epochs`` to train further) and does nothing once it is exported. Exported weights are safetensors.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+import datasets
 import lightning as L
 
-from switchkit.artifacts import checkpoint_dir, switcher_dir, synthesis_data
+from switchkit.artifacts import checkpoint_dir, load_records, read_meta, records_hash, switcher_dir
 from switchkit.config import CandidateConfig, ConfigError, Recipe, aligned_candidate
+from switchkit.io import check_output
 from switchkit.prompt import get_format
 
-from .base import fit_module, load_backbone
+from .base import FitPlan, fit_fingerprint, fit_module, load_backbone, plan_fit
 from .data import SwitcherDataModule
 from .export import export_switcher
 from .module import SwitcherModule
@@ -60,62 +63,82 @@ def _metrics(results: list[dict], n: int, data: SwitcherDataModule) -> dict:
     }
 
 
-def fit_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Optional[str] = None,
-                 progress: bool = True, kind: str = "switcher") -> tuple[SwitcherModule, dict, L.Trainer]:
-    """Train one switcher on ``data_files`` (optionally one task); return (module, val metrics, trainer).
+def switcher_plan(recipe: Recipe, records: datasets.Dataset, task: Optional[str], out: Path,
+                  overwrite: bool = False, kind: str = "switcher") -> FitPlan:
+    """What the fit of one switcher continues and replaces (checked before anything loads); ``kind`` names its
+    checkpoint folder (``switcher``, or ``router`` for the trained-router baseline)."""
+    expected = fit_fingerprint(recipe, "train", init_candidate(recipe), data=records_hash(records), task=task,
+                               n=len(recipe.pool.candidates), prompt_format=recipe.switcher.prompt_format or "v1")
+    return plan_fit(checkpoint_dir(recipe, kind, task), expected, recipe.train, "train", out, overwrite)
 
-    ``kind`` names its checkpoint folder (``switcher``, or ``router`` for the trained-router baseline).
+
+def fit_switcher(recipe: Recipe, data: Sequence[str | Path] | datasets.Dataset, *, task: Optional[str] = None,
+                 progress: bool = True, plan: Optional[FitPlan] = None) -> tuple[SwitcherModule, dict, L.Trainer]:
+    """Train one switcher on ``data`` (record files, or records checked by :func:`load_records`), optionally one
+    task; return (module, val metrics, trainer). The records and the checkpoints are checked before the backbone
+    loads.
 
     ``majority_accuracy`` is the validation accuracy of always answering the training split's most common label.
     """
     train = recipe.train
+    records = data if isinstance(data, datasets.Dataset) else load_records(data, len(recipe.pool.candidates), task)
+    plan = plan or switcher_plan(recipe, records, task, switcher_dir(recipe, task))
     module = build_module(recipe)
-    data = SwitcherDataModule(data_files, module.tokenizer, module.format, module.vocab, task=task,
+    data = SwitcherDataModule(records, module.tokenizer, module.format, module.vocab, task=task,
                               max_length=train.max_length, micro_batch_size=train.micro_batch_size,
                               val_fraction=train.val_fraction, seed=train.seed)
     data.setup()
-    trainer = fit_module(module, data, train, "train", checkpoint_dir(recipe, kind, task), progress)
+    trainer = fit_module(module, data, train, "train", plan, progress)
     results = trainer.validate(module, datamodule=data, verbose=False) if data.val_set is not None else []
     return module, _metrics(results, module.n, data), trainer
 
 
 def train_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Optional[str] = None,
                    output: Optional[str | Path] = None, progress: bool = True,
-                   kind: str = "switcher") -> tuple[Path, dict]:
-    """Train one switcher on ``data_files`` (optionally one task), export it; return (folder, val metrics)."""
-    module, metrics, trainer = fit_switcher(recipe, data_files, task=task, progress=progress, kind=kind)
+                   overwrite: bool = False, kind: str = "switcher") -> tuple[Path, dict]:
+    """Train one switcher on ``data_files`` (optionally one task), export it; return (folder, val metrics).
+
+    A rerun of the same job continues its checkpoint (and does nothing once it is exported); checkpoints or an
+    export folder of another job are an error unless ``overwrite``."""
     out = Path(output) if output else switcher_dir(recipe, task)
-    export_switcher(module, trainer, recipe, metrics, init_candidate(recipe).source, out)
+    records = load_records(data_files, len(recipe.pool.candidates), task)
+    plan = switcher_plan(recipe, records, task, out, overwrite, kind)
+    if plan.finished:
+        meta = read_meta(out)
+        print(f"switcher: {out} is up to date ({plan.epochs_done} epochs)")
+        return out, meta.metrics if meta else {}
+    module, metrics, trainer = fit_switcher(recipe, records, task=task, progress=progress, plan=plan)
+    export_switcher(module, trainer, recipe, metrics, init_candidate(recipe).source, out, replace=plan.replace_out)
     return out, metrics
 
 
-def dataset_files(recipe: Recipe) -> list[Path]:
-    """``train.data`` if set, else the synthesis output (running synthesis first when it does not exist)."""
+def dataset_files(recipe: Recipe, overwrite: bool = False) -> list[Path]:
+    """``train.data`` if set, else the synthesis output (synthesized first, or continued, unless up to date)."""
     if recipe.train.data:
         return [Path(p) for p in recipe.train.data]
     from switchkit.data_synthesis.synthesize import run_synthesis
 
-    existing = synthesis_data(recipe)
-    if existing.is_file():
-        print(f"synthesis: {existing} exists, skipping synthesis")
-        return [existing]
-    return [run_synthesis(recipe, progress=True)]
+    return [run_synthesis(recipe, progress=True, overwrite=overwrite)]
 
 
-def train_switcher_command(recipe: Recipe) -> None:
+def train_switcher_command(recipe: Recipe, overwrite: bool = False) -> None:
     """Synthesize if needed, train one switcher (global) or one per task, export, and print where each went."""
     from .strategies import check_strategy
 
     check_strategy(recipe.train, "train")
     if recipe.train.per_task and not recipe.tasks:
         raise ConfigError("train.per_task=true needs tasks: the recipe lists none")
-    files = dataset_files(recipe)
-    print(f"training data: {', '.join(map(str, files))}")
     tasks = [t.name for t in recipe.tasks] if recipe.train.per_task else [None]
+    for task in tasks:  # before synthesis: folders that no fit of this recipe wrote
+        if not (checkpoint_dir(recipe, "switcher", task) / "fingerprint.json").is_file():
+            check_output(checkpoint_dir(recipe, "switcher", task), overwrite=overwrite)
+            check_output(switcher_dir(recipe, task), overwrite=overwrite)
+    files = dataset_files(recipe, overwrite)
     for task in tasks:
-        out, metrics = train_switcher(recipe, files, task=task)
+        out, metrics = train_switcher(recipe, files, task=task, overwrite=overwrite)
         label = f"switcher for task {task}" if task else "switcher"
         acc = metrics.get("accuracy")
         print(f"{label}: {out}" + (f" (val accuracy {acc:.3f}, majority-class {metrics['majority_accuracy']:.3f}, "
                                    f"regret {metrics['utility_regret']:.3f})" if acc is not None else ""))
         print(f"checkpoints: {checkpoint_dir(recipe, 'switcher', task)}")
+    print(f"training data: {', '.join(map(str, files))}")

@@ -8,8 +8,8 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from switchkit.artifacts import META_FILE, SwitcherMeta, read_meta
-from switchkit.io import InputError, atomic_path
+from switchkit.artifacts import META_FILE, SwitcherMeta, check_switcher, read_meta
+from switchkit.io import InputError, atomic_path, check_output
 
 METRIC_NAMES = {
     "accuracy": "accuracy (argmax = label)",
@@ -85,8 +85,10 @@ def model_card(meta: SwitcherMeta) -> ModelCard:
         tasks=", ".join(t["name"] for t in recipe.get("tasks", [])) or "(not recorded)")
 
 
-def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None) -> None:
-    """Copy an exported switcher (``ckpt``: a folder with switchkit.json) to ``out`` with a model card."""
+def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None, overwrite: bool = False) -> None:
+    """Copy an exported switcher (``ckpt``: a folder with switchkit.json) to ``out`` with a model card.
+
+    An existing ``out`` that is not empty is an error unless ``overwrite`` (then it is replaced as a whole)."""
     src = Path(ckpt)
     if src.is_file():
         raise InputError(f"ckpt={ckpt}: give an exported switcher folder (e.g. runs/NAME/switcher), "
@@ -96,9 +98,12 @@ def release_command(ckpt: str, out: str, push_to_hub: Optional[str] = None) -> N
     meta = read_meta(src)
     if meta is None:
         raise InputError(f"ckpt={ckpt}: not an exported switcher ({META_FILE} is missing)")
-    if not list(src.glob("*.safetensors")):
-        raise InputError(f"ckpt={ckpt}: no .safetensors weights in the folder")
-    with atomic_path(out) as tmp:
+    check_switcher(src, meta.n)
+    target = Path(out)
+    if src.resolve() in target.resolve().parents:
+        raise InputError(f"out={out} is inside ckpt={ckpt}: write the release elsewhere")
+    replace = check_output(target, overwrite=overwrite)
+    with atomic_path(target, overwrite=replace) as tmp:
         shutil.copytree(src, tmp)
         model_card(meta).save(tmp / "README.md")
     print(f"release: {out} ({', '.join(sorted(p.name for p in Path(out).iterdir()))})")

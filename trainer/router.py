@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import datasets
 
-from switchkit.artifacts import FEATURES, load_records, router_data, router_dir, write_records
+from switchkit.artifacts import FEATURES, checkpoint_dir, load_records, router_data, router_dir, write_records
 from switchkit.config import Recipe
-from switchkit.io import InputError
+from switchkit.io import InputError, check_output
 from switchkit.prompt import build_prompt
 
 from .pipeline import dataset_files, train_switcher
@@ -36,18 +36,24 @@ def first_decisions(data: datasets.Dataset, n: int) -> list[dict]:
     return rows
 
 
-def train_router_command(recipe: Recipe) -> None:
-    """Synthesize if needed, keep the first decisions as router records, train and export the router."""
+def train_router_command(recipe: Recipe, overwrite: bool = False) -> None:
+    """Synthesize if needed, keep the first decisions as router records, train and export the router.
+
+    Like ``train-switcher``: a rerun continues the router's checkpoint (nothing to do once exported); checkpoints
+    or a router folder of another job are an error unless ``overwrite``."""
     from .strategies import check_strategy
 
     check_strategy(recipe.train, "train")
+    if not (checkpoint_dir(recipe, "router") / "fingerprint.json").is_file():
+        check_output(checkpoint_dir(recipe, "router"), overwrite=overwrite)
+        check_output(router_dir(recipe), overwrite=overwrite)
     n = len(recipe.pool.candidates)
-    files = dataset_files(recipe)
+    files = dataset_files(recipe, overwrite)
     rows = first_decisions(load_records(files, n), n)
     data_file = router_data(recipe)
     write_records(data_file, rows)
     print(f"router data: {len(rows)} first-decision records -> {data_file}")
-    out, metrics = train_switcher(recipe, [data_file], output=router_dir(recipe), kind="router")
+    out, metrics = train_switcher(recipe, [data_file], output=router_dir(recipe), overwrite=overwrite, kind="router")
     acc = metrics.get("accuracy")
     print(f"router: {out}" + (f" (val accuracy {acc:.3f}, majority-class {metrics['majority_accuracy']:.3f})"
                               if acc is not None else ""))

@@ -68,15 +68,24 @@ def accumulation_steps(train: FitConfig) -> int:
 
 def make_trainer(cfg: FitConfig, key: str, ckpt_dir: Path, progress: bool = True):
     """A Lightning Trainer for ``cfg`` (switcher or distillation): its strategy, precision and gradient
-    accumulation, a ``last.ckpt`` checkpoint per epoch in ``ckpt_dir`` and CSV logs beside it."""
+    accumulation, ``last.ckpt`` rewritten (atomically) at the end of every epoch in ``ckpt_dir``, and CSV logs
+    beside it. Torch's random state is seeded from (seed, epoch, batch) before each training batch, so a fit
+    resumed from an epoch's checkpoint repeats the rest exactly (dropout included)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from switchkit.engine import derive_seed
+
+    class BatchSeed(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            torch.manual_seed(derive_seed(cfg.seed, "fit", trainer.current_epoch, batch_idx, trainer.global_rank))
 
     return L.Trainer(
         max_epochs=cfg.epochs, accelerator="auto", devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=resolve_strategy(cfg, key), precision=cfg.precision, accumulate_grad_batches=accumulation_steps(cfg),
-        gradient_clip_val=1.0, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        gradient_clip_val=1.0, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False,
+                                   save_on_train_epoch_end=True), BatchSeed()],
         logger=CSVLogger(ckpt_dir, name="logs"), enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=ckpt_dir,
     )
