@@ -9,8 +9,9 @@ The others are not a choice of writer:
   with that feedback.
 - ``debate`` (Du et al., 2023): every model answers; in each round every model reads the others' latest answers
   and updates its own. The answer is the aligned model's last one.
-- ``logit-merge`` (weights 1/n) and ``proxy-tuning`` (best + (best - worst), ranked on the dev split): token-level
-  mixtures over a pool that shares one tokenizer (:mod:`switchkit.mixing`).
+- ``logit-merge`` (weights 1/n) and ``proxy-tuning`` (best + (best - worst)): token-level mixtures over a pool
+  that shares one tokenizer, policies of :mod:`switchkit.mixing`; here proxy-tuning ranks its best and worst
+  on each task's dev split unless the recipe names them.
 - ``greedy-soup`` (Wortsman et al., 2022; per task: rank the candidates on the dev split, start from the best,
   add each next one whose uniform soup does not lower the dev score) and ``dare-ties`` (every other candidate's
   task vector onto the base, uniform weights, ``baselines.merge_density``): weight merges through mergekit,
@@ -33,6 +34,7 @@ from switchkit.artifacts import META_FILE, eval_dir, merged_dir, router_dir
 from switchkit.config import ConfigError, Recipe, TaskConfig
 from switchkit.cost import combine
 from switchkit.engine import SwitchEngine, derive_seed
+from switchkit.mixing import ProxyTuning, check_shared_tokenizer, proxy_pair, proxy_weights
 from switchkit.policies import SinglePolicy
 from switchkit.runner import item_seed, run_items, scored, task_items
 from switchkit.tasks import Task, content_hash, load_task
@@ -186,70 +188,33 @@ def ranking(scores: list[float]) -> list[int]:
 # ---------------------------------------------------------------- token mixtures
 
 
-class TokenMixture(Method):
-    """A token-level mixture of the pool's models (:func:`switchkit.mixing.mixed_records`)."""
-
-    _checked = False
-
-    def weights(self, ctx: Context, task: str) -> dict[int, float]:
-        """``{pool index: weight}`` for ``task``."""
-        raise NotImplementedError
-
-    def check(self, task: str) -> None:
-        """The pool must share one tokenizer: checked from the tokenizers alone, before any model loads."""
-        if self._checked:
-            return
-        from transformers import AutoTokenizer
-
-        from switchkit.models import tokenizers_match
-
-        sources, names = merges.pool_sources(self.recipe.pool)
-        try:
-            toks = [AutoTokenizer.from_pretrained(s, trust_remote_code=self.recipe.pool.trust_remote_code)
-                    for s in sources]
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"method {self.name}: cannot read the pool's tokenizers: {str(exc).splitlines()[0]}") from None
-        odd = [name for name, tok in zip(names[1:], toks[1:]) if not tokenizers_match(toks[0], tok)]
-        if odd:
-            raise ConfigError(f"method {self.name} mixes next-token logits, so the pool must share one tokenizer: "
-                              f"{', '.join(odd)} tokenize differently from {names[0]} (a text-level pool)")
-        self._checked = True
-
-    def generate(self, ctx, task, queries, seeds):
-        from switchkit.mixing import check_mixable, mixed_records
-
-        check_mixable(ctx.engine, self.name)
-        return mixed_records(ctx.engine, self.weights(ctx, task), queries, seeds)
-
-
-@register("logit-merge")
-class LogitMerge(TokenMixture):
-    """Every candidate's next-token log-probabilities averaged with weight 1/n."""
-
-    def weights(self, ctx, task):
-        n = len(self.recipe.pool.candidates)
-        return {m: 1.0 / n for m in range(n)}
-
-
 @register("proxy-tuning")
-class ProxyTuning(TokenMixture):
-    """Liu et al. (2024), as the paper applies it: best + (best - worst), i.e. weights 2 and -1, with best and worst
-    ranked by the candidates' dev scores on the task."""
+class ProxyTuningMethod(PolicyMethod):
+    """The ``proxy-tuning`` policy; unless ``proxy-tuning:BEST,WORST`` or ``baselines.proxy_models`` names its
+    models, the best and worst are ranked by the candidates' dev scores on each task (``logit-merge`` needs no
+    ranking: it is a method by its policy's name)."""
 
     def __init__(self, recipe: Recipe, arg=None):
-        super().__init__(recipe, arg)
+        super().__init__(recipe, arg, "proxy-tuning")
         self._ranked: dict[str, list[int]] = {}
 
-    def stamp(self, task: str) -> str:
-        return f"dev_limit={self.recipe.baselines.dev_limit}"
+    def check(self, task: str) -> None:
+        proxy_pair(self.recipe, self.arg)  # named models must be candidates; unnamed ones are ranked on dev
+        check_shared_tokenizer(self.recipe.pool, self.kind)
 
-    def weights(self, ctx, task):
+    def stamp(self, task: str) -> str:
+        pair = proxy_pair(self.recipe, self.arg)
+        return f"models={list(pair)}" if pair else f"dev_limit={self.recipe.baselines.dev_limit}"
+
+    def policy(self, ctx, task):
+        if proxy_pair(self.recipe, self.arg) is not None:
+            return super().policy(ctx, task)
         if len(self.recipe.pool.candidates) < 2:
             raise ConfigError("method proxy-tuning needs at least 2 candidates (a best and a worst)")
         if task not in self._ranked:
             self._ranked[task] = ranking(dev_scores(ctx, task))
         order = self._ranked[task]
-        return {order[0]: 2.0, order[-1]: -1.0}
+        return ProxyTuning(proxy_weights(order[0], order[-1]))
 
 
 # ---------------------------------------------------------------- weight merges

@@ -205,6 +205,10 @@ def build_report(eval_dir: Path) -> dict:
     aligned = next((f"single:{c['name']}" for c in reversed(pool) if c["role"] == "aligned"), None)
     reference = cost.get(aligned) if aligned else None
     for n, summary_cost in cost.items():  # relative to the aligned model alone, over the same columns
+        if summary_cost:  # quality beside it: the mean over every example of every column, with its CI
+            pooled = [v for c in columns for v in by_id[n].get(c, {}).values()]
+            summary_cost["score"] = float(np.mean(pooled)) if pooled else None
+            summary_cost["score_ci95"] = list(analysis.bootstrap_ci(pooled)) if pooled else None
         if summary_cost and reference:
             summary_cost["x_aligned_tokens"] = summary_cost["tokens"] / reference["tokens"] if reference["tokens"] else None
             summary_cost["x_aligned_passes"] = summary_cost["passes"] / reference["passes"] if reference["passes"] else None

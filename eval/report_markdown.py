@@ -86,10 +86,13 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
         out += ["", "## Cost per method", "",
                 "Per response, summed over every model (switchkit.cost): tokens read (prefilled) and written, forward "
                 "passes, the switcher's or router's passes, and total tokens relative to "
-                f"`{rep.get('cost_reference') or 'the aligned model'}` alone. Averaged over all tasks and seeds.", ""]
-        out += _table(["method", "tokens read", "tokens written", "forward passes", "switcher passes",
-                       "tokens vs aligned", "passes vs aligned"], [
-            [n, f"{v['prompt_tokens']:.1f}", f"{v['generated_tokens']:.1f}", f"{v['passes']:.1f}",
+                f"`{rep.get('cost_reference') or 'the aligned model'}` alone. Averaged over all tasks and seeds; the "
+                "score beside it is the mean x 100 over every example of every column [95% bootstrap CI].", ""]
+        out += _table(["method", "score [95% CI]", "tokens read", "tokens written", "forward passes",
+                       "switcher passes", "tokens vs aligned", "passes vs aligned"], [
+            [n, f"{_pct(v['score'])} [{_pct(v['score_ci95'][0])}, {_pct(v['score_ci95'][1])}]"
+             if v.get("score_ci95") else "-",
+             f"{v['prompt_tokens']:.1f}", f"{v['generated_tokens']:.1f}", f"{v['passes']:.1f}",
              f"{v['switcher_passes']:.1f}",
              *(f"{v[k]:.2f}x" if v.get(k) is not None else "-" for k in ("x_aligned_tokens", "x_aligned_passes"))]
             for n in names if (v := cost.get(n))])

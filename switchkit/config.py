@@ -232,6 +232,7 @@ class BaselinesConfig:
     dev_limit: Optional[int] = None  # dev examples that rank the candidates (greedy-soup, proxy-tuning); null: all
     merge_density: float = 0.5  # dare-ties: share of each task vector kept
     merge_base: Optional[str] = None  # dare-ties base (a candidate name); null: the pretrained one, else the first
+    proxy_models: Optional[list[str]] = None  # proxy-tuning [best, worst] (names or indices); null: ranked on dev
 
 
 @dataclass

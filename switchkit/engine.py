@@ -378,7 +378,10 @@ class SwitchEngine:
         return seqs
 
     def generate(self, queries: list[str], policy: "Policy", seeds: list[int], progress: bool = False) -> list[dict]:
-        """One record per query (:meth:`SwitchSequence.record`), in batches of ``generation.batch_size``."""
+        """One record per query (:meth:`SwitchSequence.record`), in batches of ``generation.batch_size``. A policy
+        that decodes on its own (a token-level mixture, :mod:`switchkit.mixing`) writes the records itself."""
+        if hasattr(policy, "respond"):
+            return policy.respond(self, queries, seeds)
         records = []
         size = self.cfg.batch_size
         for first in range(0, len(queries), size):

@@ -44,7 +44,9 @@ class Policy:
     """Decides which model writes the next patch of each unfinished sequence.
 
     ``explicit`` policies (forced, single) name every writer themselves, so the engine's aligned-first/last
-    rule does not override them. ``arg`` is the text after a colon in a method name (``single:2``).
+    rule does not override them. ``arg`` is the text after a colon in a method name (``single:2``). A policy that
+    decodes whole responses itself (a token-level mixture, :mod:`switchkit.mixing`) also defines
+    ``respond(engine, queries, seeds)``, which :meth:`SwitchEngine.generate` then calls instead of writing patches.
     """
 
     name = ""
@@ -56,6 +58,10 @@ class Policy:
         if arg is not None:
             raise ConfigError(f"policy {cls.name!r} takes no argument, got {cls.name}:{arg}")
         return cls()
+
+    @classmethod
+    def check(cls, recipe: Recipe, arg: Optional[str] = None) -> None:
+        """Before anything loads: raise a :class:`ConfigError` when the recipe's pool cannot run this policy."""
 
     @classmethod
     def artifact(cls, recipe: Recipe, arg: Optional[str] = None) -> Optional[str]:
@@ -284,6 +290,7 @@ def check_policy(recipe: Recipe, name: Optional[str] = None, arg: Optional[str] 
     name = name or recipe.switcher.policy
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
+    POLICIES[name].check(recipe, arg)
     path = POLICIES[name].artifact(recipe, arg)
     if path and not Path(path).expanduser().exists():
         if HUB_ID.match(path) and (arg or recipe.switcher.path):
@@ -305,4 +312,4 @@ def make_policy(recipe: Recipe, engine: "SwitchEngine", name: Optional[str] = No
     return POLICIES[name].from_recipe(recipe, engine, arg)
 
 
-from . import routers  # noqa: E402,F401  (registers the routing baselines: prompt-route, trained-router)
+from . import mixing, routers  # noqa: E402,F401  (register the baselines: prompt-route, trained-router, logit-merge, proxy-tuning)

