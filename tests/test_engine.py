@@ -292,7 +292,7 @@ def test_bad_inputs(pool, tmp_path):
         read_items(str(empty))
     with pytest.raises(ConfigError, match="does not exist: run `toolkit train-switcher recipe=custom`"):
         make_policy(Recipe(run_dir=str(tmp_path), switcher=SwitcherConfig(policy="trained")), engine)
-    with pytest.raises(ConfigError, match="switcher.policy='routing' is unknown: allowed are forced, prompt-route, random"):
+    with pytest.raises(ConfigError, match="switcher.policy='routing' is unknown: allowed are forced, logit-merge, prompt-route, proxy-tuning, random"):
         load_recipe("demo", ["switcher.policy=routing"])
 
 
