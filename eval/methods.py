@@ -77,6 +77,7 @@ class Method:
     collaborative: bool = True
     computed: bool = False
     makes = ""  # the command that creates the method's artifact, named in the error when it is missing
+    setting = ""  # a sweep's setting, e.g. "[aligned_bias=-2]" (switchkit.eval.sweep)
 
     def __init__(self, recipe: Recipe, arg: Optional[str] = None):
         self.recipe = recipe
@@ -84,8 +85,8 @@ class Method:
 
     @property
     def name(self) -> str:
-        """The method's name in results: ``kind`` or ``kind:arg``."""
-        return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+        """The method's name in results: ``kind`` or ``kind:arg``, then its sweep setting if any."""
+        return (self.kind if self.arg is None else f"{self.kind}:{self.arg}") + self.setting
 
     @classmethod
     def expand(cls, recipe: Recipe, arg: Optional[str]) -> list["Method"]:
@@ -189,7 +190,8 @@ class TrainedSwitcher(Method):
 
     def policy(self, ctx, task):
         path = str(self.switcher_path(task))
-        return ctx.hold(f"switcher:{path}", lambda: make_policy(self.recipe, ctx.engine, "trained", path))
+        return ctx.hold(f"switcher:{path}:{self.recipe.switcher}",
+                        lambda: make_policy(self.recipe, ctx.engine, "trained", path))
 
 
 @register("switch-global")

@@ -21,7 +21,7 @@ import numpy as np
 
 from switchkit.io import InputError, atomic_path, check_output, read_jsonl, write_json_atomic, write_text_atomic
 
-from . import analysis
+from . import analysis, sweep
 from .report_markdown import render_markdown
 from .report_plots import PLOTS
 
@@ -119,17 +119,31 @@ def answer(by_id: dict, columns: list[str], tested: list[str], singles: list[str
     }
 
 
+def method_roles(summary: dict, rows: dict) -> dict:
+    """The run's methods in the report's roles: columns in recipe order, tested methods, single models and the
+    ceilings (computed methods such as the oracle: upper bounds, never baselines)."""
+    methods = [m for m in summary["methods"] if any(k[0] == m["name"] for k in rows)]
+    names = [m["name"] for m in methods]
+    order = [column(t["name"], t["split"]) for t in summary.get("tasks", [])]
+    present = {col for _, col in rows}
+    ceilings = [m["name"] for m in methods if m.get("computed")]
+    return {
+        "methods": methods, "names": names, "ceilings": ceilings,
+        "columns": [c for c in order if c in present] + sorted(present - set(order)),
+        "singles": [m["name"] for m in methods if not m["collaborative"] and not m["ours"] and m["name"] not in ceilings],
+        "tested": [m["name"] for m in methods if m["ours"]] or [m["name"] for m in methods if m["collaborative"]],
+    }
+
+
 def build_report(eval_dir: Path) -> dict:
     """Every number of the report, computed from the saved predictions."""
     summary, rows = load_results(eval_dir)
     pool = summary["pool"]
     n_models = len(pool)
     labels = model_labels(pool)
-    methods = [m for m in summary["methods"] if any(k[0] == m["name"] for k in rows)]
-    names = [m["name"] for m in methods]
-    order = [column(t["name"], t["split"]) for t in summary.get("tasks", [])]
-    present = {col for _, col in rows}
-    columns = [c for c in order if c in present] + sorted(present - set(order))
+    roles = method_roles(summary, rows)
+    methods, names, columns = roles["methods"], roles["names"], roles["columns"]
+    ceilings, singles, tested = roles["ceilings"], roles["singles"], roles["tested"]
 
     scores: dict = defaultdict(dict)
     by_id: dict = defaultdict(dict)
@@ -147,14 +161,11 @@ def build_report(eval_dir: Path) -> dict:
             "ci95": list(analysis.bootstrap_ci(list(per_example.values()))),
         }
         by_id[name][col] = per_example
-    ceilings = [m["name"] for m in methods if m.get("computed")]  # the oracle: an upper bound, never a baseline
     runnable = [n for n in names if n not in ceilings]
     best = {col: max((n for n in runnable if col in scores[n]), key=lambda n: scores[n][col]["mean"])
             for col in columns}
     average = {n: float(np.mean([scores[n][c]["mean"] for c in columns])) for n in names if all(c in scores[n] for c in columns)}
 
-    singles = [m["name"] for m in methods if not m["collaborative"] and not m["ours"] and m["name"] not in ceilings]
-    tested = [m["name"] for m in methods if m["ours"]] or [m["name"] for m in methods if m["collaborative"]]
     collaborative = [m["name"] for m in methods if m["collaborative"]]
 
     significance = []
@@ -224,6 +235,7 @@ def build_report(eval_dir: Path) -> dict:
         "scores": dict(scores), "average": average, "best": best, "significance": significance,
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
         "positions": positions, "model_share": share, "first_patch": first_patch,
+        "sweep": sweep.curve(methods, rows, scores, columns, n_models),
         "cost": cost, "cost_reference": aligned,
     }
 
@@ -247,3 +259,45 @@ def report_command(run_dir: str, overwrite: bool = False) -> Path:
         write_text_atomic(tmp / "report.md", render_markdown(rep, plots))
     print(f"report: {out / 'report.md'}")
     return out
+
+
+def pooled_answer(run_dirs: list[str]) -> dict:
+    """The answer of each run and of all runs pooled (e.g. one recipe with different seeds): examples are paired
+    within their run, and the pooled gains resample (run, example) pairs. The runs must share methods and columns."""
+    per_run, pooled, first = [], defaultdict(lambda: defaultdict(dict)), None
+    for k, run_dir in enumerate(run_dirs):
+        summary, rows = load_results(find_eval_dir(run_dir))
+        roles = method_roles(summary, rows)
+        shape = (roles["names"], roles["columns"])
+        if first is None:
+            first = roles
+        elif shape != (first["names"], first["columns"]):
+            raise InputError(f"{run_dir}: its methods or tasks differ from {run_dirs[0]}'s: pool only runs of one recipe")
+        by_id = {(name, col): analysis.mean_by_id(recs) for (name, col), recs in rows.items()}
+        for (name, col), scores in by_id.items():
+            pooled[name][col].update({f"{k}:{i}": v for i, v in scores.items()})
+        nested = defaultdict(dict)
+        for (name, col), scores in by_id.items():
+            nested[name][col] = scores
+        args = (first["columns"], first["tested"], first["singles"], first["ceilings"], first["names"])
+        per_run.append({"run": str(run_dir), **answer(nested, *args)})
+    return {"runs": per_run, "pooled": answer(pooled, *args)}
+
+
+def pooled_report_command(runs: str, out: str, overwrite: bool = False) -> Path:
+    """``toolkit report runs=A,B,C out=DIR``: write ``answer.md`` and ``answer.json`` with each run's answer and
+    the answer pooled over the runs."""
+    from .report_markdown import render_pooled
+
+    run_dirs = [r for r in runs.split(",") if r]
+    if len(run_dirs) < 2:
+        raise InputError(f"runs={runs}: give two or more run folders, separated by commas")
+    out_dir = Path(out)
+    check_output(out_dir, overwrite=overwrite, ours=(out_dir / "answer.json").is_file())
+    result = pooled_answer(run_dirs)
+    with atomic_path(out_dir, overwrite=out_dir.exists()) as tmp:
+        tmp.mkdir()
+        write_json_atomic(tmp / "answer.json", result)
+        write_text_atomic(tmp / "answer.md", render_pooled(result))
+    print(f"report: {out_dir / 'answer.md'}")
+    return out_dir

@@ -52,6 +52,32 @@ def _answer(ans: dict) -> list[str]:
     return out
 
 
+def _sweep(rep: dict) -> list[str]:
+    """The cost–quality sweep: one row per setting of each swept method, then the other methods."""
+    labels = rep["labels"]
+    out = ["", "## Cost–quality sweep", "",
+           "Score x 100 (mean over the columns; 95% CI with one column) against the share (x 100) of all patches "
+           "written by each model, one row per setting; the other methods below for reference.", ""]
+
+    def row(method: str, setting: str, p: dict) -> list[str]:
+        ci = f" [{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}]" if p["ci95"] else ""
+        return [method, setting, _pct(p["score"]) + ci] + [_pct(x, 1) for x in p["share"]]
+
+    body = [row(line["method"], f"{line['key']}={p['value']:g}", p) for line in rep["sweep"]["lines"] for p in line["points"]]
+    body += [row(p["method"], "-", p) for p in rep["sweep"]["reference"]]
+    return out + _table(["method", "setting", "score"] + [f"{c['name']} ({l})" for c, l in zip(rep["pool"], labels)],
+                        body)
+
+
+def render_pooled(result: dict) -> str:
+    """The answer of several runs of one recipe: each run's, then all pooled."""
+    out = [f"# The answer over {len(result['runs'])} runs", ""]
+    for run in result["runs"]:
+        out += ["", f"## Run `{run['run']}`"] + _answer(run)[2:]
+    out += ["", "## All runs pooled"] + _answer(result["pooled"])[2:]
+    return "\n".join(out) + "\n"
+
+
 def render_markdown(rep: dict, plots: list[str]) -> str:
     """The report as Markdown: the paper's tables, best in bold, then the analyses and plots."""
     cols, scores, labels = rep["columns"], rep["scores"], rep["labels"]
@@ -162,6 +188,9 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
                 body += [[n, length, r["label"], _pct(r["frequency"], 1), _pct(r["effect"])]
                          for r in seq_rows[:SEQUENCE_ROWS]]
         out += _table(["method", "length", "sequence", "frequency", "treatment effect"], body)
+
+    if rep.get("sweep"):
+        out += _sweep(rep)
 
     if any(rep["examples"].values()):
         out += ["", f"## How responses were scored ({rep['examples_method']})", "",

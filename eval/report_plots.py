@@ -123,5 +123,50 @@ def plot_p_metrics(rep: dict, path: Path) -> bool:
     return True
 
 
+def _annotate(ax, xs, ys, labels, dy: int, **style) -> None:
+    """One annotation per place (labels of points within 2 x-units and 1 y-unit are joined); on the right half
+    of a 0..100 x-axis the text goes to the left of its point."""
+    at: dict = {}
+    for x, y, label in zip(xs, ys, labels):
+        at.setdefault((round(x / 2), round(y)), ((x, y), []))[1].append(label)
+    for (x, y), names in at.values():
+        right = x > 50
+        ax.annotate(", ".join(names), (x, y), xytext=(-4 if right else 4, dy), textcoords="offset points",
+                    ha="right" if right else "left", **style)
+
+
+def plot_cost_quality(rep: dict, path: Path) -> bool:
+    """The sweep's cost–quality curve: score against the aligned model's share of patches, one point per setting,
+    with the other methods as reference points."""
+    import matplotlib.pyplot as plt
+
+    if not rep.get("sweep"):
+        return False
+    aligned = next((c["index"] for c in reversed(rep["pool"]) if c["role"] == "aligned"), len(rep["pool"]) - 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for line in rep["sweep"]["lines"]:
+        pts = line["points"]
+        xs, ys = [100 * p["share"][aligned] for p in pts], [100 * p["score"] for p in pts]
+        errors = None
+        if all(p["ci95"] for p in pts):
+            errors = [[y - 100 * p["ci95"][0] for y, p in zip(ys, pts)], [100 * p["ci95"][1] - y for y, p in zip(ys, pts)]]
+        drawn = ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, elinewidth=0.8,
+                            label=f"{line['method']} ({line['key']})")
+        for bars in drawn[-1]:  # the CI bars (none over several tasks) stay behind the curve
+            bars.set_alpha(0.35)
+        _annotate(ax, xs, ys, [f"{p['value']:g}" for p in pts], 4, fontsize=8)
+    refs = rep["sweep"]["reference"]
+    xs, ys = [100 * p["share"][aligned] for p in refs], [100 * p["score"] for p in refs]
+    ax.scatter(xs, ys, marker="x", color="grey")
+    _annotate(ax, xs, ys, [p["method"] for p in refs], -10, fontsize=7, color="dimgrey")
+    ax.set_xlim(-5, 105)
+    ax.set_xlabel("share of patches written by the aligned model (%)")
+    ax.set_ylabel("score (mean over tasks, x 100)")
+    ax.set_title(f"Cost–quality curve (aligned model: {rep['pool'][aligned]['name']})", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 PLOTS = {"gain_per_task.png": plot_gain, "position_usage.png": plot_positions,
-         "sequences.png": plot_sequences, "p_metrics.png": plot_p_metrics}
+         "sequences.png": plot_sequences, "p_metrics.png": plot_p_metrics, "cost_quality.png": plot_cost_quality}

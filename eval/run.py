@@ -28,6 +28,7 @@ from switchkit.runner import fingerprint, is_finished, run_items, scored, task_i
 from switchkit.tasks import Task, content_hash, load_tasks
 
 from .methods import Context, Method, Oracle, build_methods
+from .sweep import sweep_methods
 
 PREDICTION_FIELDS = ("id", "input", "output", "gold", "score", "segments")
 
@@ -50,7 +51,7 @@ def eval_tasks(recipe: Recipe) -> list[Task]:
 
 def cell_fingerprint(recipe: Recipe, method: Method, task: Task, seed: int) -> dict:
     """What decides a cell's rows."""
-    return fingerprint(recipe, switcher=method.collaborative, method=method.name, stamp=method.stamp(task.name),
+    return fingerprint(method.recipe, switcher=method.collaborative, method=method.name, stamp=method.stamp(task.name),
                        task=content_hash(task), split=task.split, seed=seed)
 
 
@@ -82,7 +83,7 @@ def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "result
     Raises :class:`ConfigError` for an unknown method, a missing artifact, a cell saved under other settings or
     an eval folder that is not one (the last two unless ``overwrite``), before anything loads.
     """
-    methods = build_methods(recipe)
+    methods = sweep_methods(recipe, build_methods(recipe))
     tasks = eval_tasks(recipe)
     folder = eval_dir(recipe)
     check_sources(recipe.pool)

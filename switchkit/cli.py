@@ -197,16 +197,28 @@ _command(
     "eval", "switchkit.eval.run:eval_command", ("overwrite",),
     "Evaluate methods x tasks x splits: recipe=NAME [overwrite=true] [key=value ...]. " + OVERWRITE,
 )
+_command(
+    "serve", "switchkit.serve:serve_command", ("switcher", "host", "port"),
+    "Serve switch generation behind an OpenAI-compatible API: recipe=NAME [switcher=DIR] [host=127.0.0.1] "
+    "[port=8000] [key=value ...].",
+)
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def report(args: tuple[str, ...]) -> None:
-    """Write Markdown, PNG and JSON reports from an eval run: run=DIR [overwrite=true]."""
-    extra = own_args(args, ("run", "overwrite"), ("run",), "toolkit report run=DIR [overwrite=true]")
-    from .eval.report import report_command
+    """Write Markdown, PNG and JSON reports from an eval run: run=DIR [overwrite=true]; or the answer of several
+    runs of one recipe, each and pooled: runs=DIR,DIR,... out=DIR [overwrite=true]."""
+    usage = "toolkit report run=DIR [overwrite=true] | toolkit report runs=DIR,DIR,... out=DIR [overwrite=true]"
+    extra = own_args(args, ("run", "runs", "out", "overwrite"), (), usage)
+    from .eval.report import pooled_report_command, report_command
 
-    report_command(extra["run"], overwrite=extra.get("overwrite", False))
+    if "runs" in extra and "out" in extra and "run" not in extra:
+        pooled_report_command(extra["runs"], extra["out"], overwrite=extra.get("overwrite", False))
+    elif "run" in extra and not {"runs", "out"} & set(extra):
+        report_command(extra["run"], overwrite=extra.get("overwrite", False))
+    else:
+        raise ConfigError(f"give run=DIR, or runs=DIR,DIR,... with out=DIR: usage: {usage}")
 
 
 @main.command(context_settings=CONTEXT)

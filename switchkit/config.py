@@ -96,6 +96,8 @@ class SwitcherConfig:
     prompt_format: Optional[str] = None
     # apply a switcher exported for another number of models (paper §5, unseen-model settings)
     allow_n_mismatch: bool = False
+    # the cost knob: added to the aligned model's id logit before the softmax (> 0: more aligned patches)
+    aligned_bias: float = 0.0
 
 
 @dataclass
@@ -222,6 +224,8 @@ class EvalConfig:
     limit: Optional[int] = None
     seeds: list[int] = field(default_factory=lambda: [0])
     output: Optional[str] = None
+    # "switcher.KEY:V1,V2,...": the trained-switcher methods run once per value (see parse_sweep)
+    sweep: Optional[str] = None
 
 
 @dataclass
@@ -359,8 +363,27 @@ def validate(recipe: Recipe) -> Recipe:
             problem = judge_problem(task.judge) if task.type == "judge" else None
             if problem:
                 raise ConfigError(f"{key}.{i}.{problem}")
+    if recipe.eval.sweep is not None:
+        parse_sweep(recipe.eval.sweep)
     _check_registered(recipe)
     return recipe
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """``eval.sweep``: ``switcher.KEY:V1,V2,...`` as (KEY, values); KEY is a float setting of ``switcher``."""
+    key, _, values = text.partition(":")
+    name = key[len("switcher."):] if key.startswith("switcher.") else None
+    floats = [f.name for f in SwitcherConfig.__dataclass_fields__.values() if f.type in ("float", float)]
+    if name not in floats:
+        raise ConfigError(f"eval.sweep={text!r}: give switcher.KEY:V1,V2,... with KEY one of {', '.join(floats)} "
+                          "(e.g. switcher.aligned_bias:-2,-1,0,1,2)")
+    try:
+        parsed = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise ConfigError(f"eval.sweep={text!r}: the values after the colon must be comma-separated numbers") from None
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"eval.sweep={text!r}: a value repeats")
+    return name, parsed
 
 
 def _check_registered(recipe: Recipe) -> None:

@@ -151,7 +151,8 @@ class SwitcherPolicy(Policy):
     """
 
     def __init__(self, engine: "SwitchEngine", slot: int, tokenizer, fmt: PromptFormat, *, top_p: float = 0.7,
-                 greedy: bool = False, max_length: Optional[int] = None, owned: tuple[int, ...] = ()):
+                 greedy: bool = False, max_length: Optional[int] = None, owned: tuple[int, ...] = (),
+                 aligned_bias: float = 0.0):
         n = len(engine.pool)
         try:
             self.vocab = fmt.vocab(tokenizer, n)
@@ -160,6 +161,7 @@ class SwitcherPolicy(Policy):
         self.engine, self.slot, self.tokenizer, self.format, self.n = engine, slot, tokenizer, fmt, n
         self.top_p, self.greedy, self.max_length = top_p, greedy, max_length
         self.owned = owned
+        self.aligned_bias = aligned_bias  # the cost knob (switcher.aligned_bias)
 
     def selector_text(self, seq: "SwitchSequence") -> str:
         """The text the switcher reads before deciding for ``seq``: the switcher prompt."""
@@ -178,6 +180,10 @@ class SwitcherPolicy(Policy):
 
     def choose(self, engine, seqs):
         logprobs = self.logprobs(seqs) if seqs else torch.empty(0, self.n)
+        if self.aligned_bias:  # shift the aligned model's id logit; the probabilities recorded are the shifted ones
+            logprobs = logprobs.clone()
+            logprobs[:, self.engine.pool.aligned_index] += self.aligned_bias
+            logprobs = logprobs.log_softmax(-1)
         probs = logprobs.softmax(-1)
         if self.greedy:
             return [(int(p.argmax()), p.tolist()) for p in probs]
@@ -202,7 +208,7 @@ def _resolve_format(requested: Optional[str], stored: Optional[str], tokenizer, 
 
 def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Optional[str] = None,
                   top_p: float = 0.7, greedy: bool = False, allow_n_mismatch: bool = False,
-                  policy_class: type[SwitcherPolicy] = SwitcherPolicy) -> SwitcherPolicy:
+                  aligned_bias: float = 0.0, policy_class: type[SwitcherPolicy] = SwitcherPolicy) -> SwitcherPolicy:
     """Load a switcher into the engine's backend: a trainer export, a peft adapter dir, or any HF causal LM.
 
     An adapter whose base model is a pool candidate (its source) is attached to that candidate's weights, so
@@ -239,7 +245,7 @@ def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Opt
         owned.append(slot)
     fmt = _resolve_format(prompt_format, meta.prompt_format if meta else None, tokenizer, str(folder))
     return policy_class(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
-                        max_length=meta.max_length if meta else None, owned=tuple(owned))
+                        max_length=meta.max_length if meta else None, owned=tuple(owned), aligned_bias=aligned_bias)
 
 
 @register_policy("trained")
@@ -258,7 +264,7 @@ class TrainedSwitcher(SwitcherPolicy):
             raise ConfigError(f"switcher {path} does not exist: run `toolkit train-switcher recipe={recipe.name}` "
                               "or set switcher.path")
         return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy,
-                             allow_n_mismatch=cfg.allow_n_mismatch)
+                             allow_n_mismatch=cfg.allow_n_mismatch, aligned_bias=cfg.aligned_bias)
 
 
 @register_policy("untuned")
@@ -275,10 +281,12 @@ class UntunedSwitcher(SwitcherPolicy):
         cfg = recipe.switcher
         path = cls.artifact(recipe, arg)
         if path:
-            return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy)
+            return load_switcher(engine, path, prompt_format=cfg.prompt_format, top_p=cfg.top_p, greedy=cfg.greedy,
+                                 aligned_bias=cfg.aligned_bias)
         aligned = engine.pool[engine.pool.aligned_index]
         fmt = _resolve_format(cfg.prompt_format, None, aligned.tokenizer, aligned.name)
-        return SwitcherPolicy(engine, aligned.index, aligned.tokenizer, fmt, top_p=cfg.top_p, greedy=cfg.greedy)
+        return SwitcherPolicy(engine, aligned.index, aligned.tokenizer, fmt, top_p=cfg.top_p, greedy=cfg.greedy,
+                              aligned_bias=cfg.aligned_bias)
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -79,6 +79,21 @@ def save_tiny_model(
     return path
 
 
+def save_tiny_switcher(folder: str | Path, model_dir: str | Path, names: list[str]) -> Path:
+    """A switcher export as ``toolkit train-switcher`` leaves it (HF weights plus ``switchkit.json``, prompt format
+    v1), with the weights of ``model_dir``, for a pool of the candidates ``names``."""
+    import shutil
+
+    from .artifacts import SwitcherMeta, write_meta
+
+    shutil.copytree(model_dir, folder)
+    write_meta(Path(folder), SwitcherMeta(
+        prompt_format="v1", n=len(names), candidates=[{"index": i, "name": n, "source": "x", "role": "aligned"}
+                                                      for i, n in enumerate(names)],
+        adapter=False, base_model=None, model_id_tokens=list(range(1, len(names) + 1)), max_length=None))
+    return Path(folder)
+
+
 _GGUF_LAYER_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",

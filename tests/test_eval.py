@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from switchkit.artifacts import SwitcherMeta, write_meta
 from switchkit.config import ConfigError, load_recipe
 from switchkit.eval import analysis
 from switchkit.eval.methods import REGISTRY, Method, build_methods, register
 from switchkit.eval.run import eval_command
 from switchkit.io import InputError, read_jsonl
+from switchkit.testing import save_tiny_switcher
 
 
 def rec(models, score, id_=None):
@@ -96,34 +96,6 @@ def test_unknown_task_is_a_clear_error(tmp_path):
                                   "eval.tasks.0.source=builtin:nope"])
     with pytest.raises(InputError, match="unknown builtin task 'builtin:nope'"):
         eval_command(recipe)
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_pool_dirs):
-    """A recipe over the three tiny same-tokenizer models and a 5-question local task."""
-    task = tmp_path / "qa.jsonl"
-    task.write_text("".join(json.dumps({"input": f"What is the capital of {c}?", "output": [a]}) + "\n"
-                            for c, a in [("France", "Paris"), ("Canada", "Ottawa"), ("Peru", "Lima"),
-                                         ("Chile", "Santiago"), ("Kenya", "Nairobi")]))
-    base, sft, aligned = tiny_pool_dirs
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"""
-name: tiny
-run_dir: {tmp_path}/run
-pool:
-  candidates:
-    - {{source: "{base}", role: pretrained, name: base}}
-    - {{source: "{sft}", role: finetuned, name: sft}}
-    - {{source: "{aligned}", role: aligned, name: aligned}}
-  device: cpu
-generation: {{patch_size: 3, max_new_tokens: 9, temperature: 0.7, batch_size: 2}}
-eval:
-  methods: [single, random, untuned]
-  tasks: [{{name: qa, type: f1_match, source: "{task}"}}]
-  splits: [test]
-  seeds: [0]
-""")
-    return path
 
 
 def count_calls(monkeypatch, fail_after=None):
@@ -224,11 +196,7 @@ def test_a_new_baseline_is_one_small_class(tiny_recipe, monkeypatch, tmp_path):
 def test_switch_and_distilled_use_their_run_dir_artifacts(tiny_recipe, tiny_pool_dirs):
     run = tiny_recipe.parent / "run"
     # a switcher export (HF weights + switchkit.json) and a distilled HF folder, as the trainer and distiller leave them
-    shutil.copytree(tiny_pool_dirs[2], run / "switcher")
-    write_meta(run / "switcher", SwitcherMeta(
-        prompt_format="v1", n=3, candidates=[{"index": i, "name": n, "source": "x", "role": "aligned"}
-                                             for i, n in enumerate(["base", "sft", "aligned"])],
-        adapter=False, base_model=None, model_id_tokens=[1, 2, 3], max_length=None))
+    save_tiny_switcher(run / "switcher", tiny_pool_dirs[2], ["base", "sft", "aligned"])
     shutil.copytree(tiny_pool_dirs[1], run / "distilled")
     recipe = load_recipe(str(tiny_recipe), ["eval.methods=[switch,distilled]", "eval.limit=2"])
     summary = eval_command(recipe)

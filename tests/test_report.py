@@ -103,3 +103,21 @@ def test_report_errors_name_the_path(tmp_path):
     next((eval_dir / "cells").rglob("seed0.jsonl")).write_text('{"id": "x"\n')
     with pytest.raises(InputError, match=r"seed0.jsonl:1: malformed JSON"):
         report_command(str(eval_dir))
+
+
+def test_pooled_answer_over_runs(tmp_path):
+    from switchkit.eval.report import pooled_report_command
+
+    runs = [make_eval_dir(tmp_path / f"s{k}" / "eval") for k in range(2)]
+    out = pooled_report_command(",".join(str(r.parent) for r in runs), str(tmp_path / "pooled"))
+    result = json.loads((out / "answer.json").read_text())
+    assert [r["run"] for r in result["runs"]] == [str(r.parent) for r in runs]
+    single_run = result["runs"][0]["rows"][0]["gains"][0]
+    pooled = result["pooled"]["rows"][0]["gains"][0]
+    # switch beats the best single model (chat) on 2 of 6 examples and loses 1: +1/6 in each run and pooled
+    assert single_run["reference"] == pooled["reference"] == "best single (single:chat)"
+    assert single_run["gain"] == pytest.approx(1 / 6) and pooled["gain"] == pytest.approx(1 / 6)
+    assert single_run["n"] == 6 and pooled["n"] == 12
+    assert "## All runs pooled" in (out / "answer.md").read_text()
+    with pytest.raises(InputError, match="exists"):
+        pooled_report_command(",".join(str(r.parent) for r in runs), str(tmp_path / "s0"))
