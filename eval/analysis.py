@@ -247,3 +247,18 @@ def paired_gain(ours: Mapping[str, float], reference: Mapping[str, float]) -> di
 def paired_diffs(ours: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:
     """Per-example score differences ours - baseline over the shared ids (for a CI of the gain)."""
     return [ours[i] - baseline[i] for i in sorted(set(ours) & set(baseline))]
+
+
+def cost_per_query(records: Sequence[Mapping]) -> Optional[dict]:
+    """Mean cost of one response (:mod:`switchkit.cost`): tokens read and written and forward passes over every
+    model, the switcher's passes, and ``tokens`` = read + written; None when no record carries a cost."""
+    from switchkit.cost import totals
+
+    costs = [r["cost"] for r in records if r.get("cost")]
+    if not costs:
+        return None
+    summed = [totals(c) for c in costs]
+    out = {key: float(np.mean([s[key] for s in summed])) for key in ("prompt_tokens", "generated_tokens", "passes")}
+    out["switcher_passes"] = float(np.mean([c["switcher"]["passes"] for c in costs]))
+    out["tokens"] = out["prompt_tokens"] + out["generated_tokens"]
+    return out

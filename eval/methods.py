@@ -286,3 +286,6 @@ def build_methods(recipe: Recipe, names: Optional[list[str]] = None) -> list[Met
     if not methods:
         raise ConfigError("eval.methods is empty: name at least one of " + ", ".join(sorted(set(REGISTRY) | set(POLICIES))))
     return methods
+
+
+from . import baselines  # noqa: E402,F401  (registers the paper's collaboration baselines)

@@ -211,6 +211,19 @@ def build_report(eval_dir: Path) -> dict:
         positions[n] = analysis.position_usage(recs, n_models)
         share[n] = analysis.model_share(recs, n_models)
 
+    cost = {n: analysis.cost_per_query([r for c in columns for r in rows.get((n, c), [])])
+            for n in names if n not in ceilings}  # a ceiling's rows are copies: it has no cost of its own
+    aligned = next((f"single:{c['name']}" for c in reversed(pool) if c["role"] == "aligned"), None)
+    reference = cost.get(aligned) if aligned else None
+    for n, summary_cost in cost.items():  # relative to the aligned model alone, over the same columns
+        if summary_cost:  # quality beside it: the mean over every example of every column, with its CI
+            pooled = [v for c in columns for v in by_id[n].get(c, {}).values()]
+            summary_cost["score"] = float(np.mean(pooled)) if pooled else None
+            summary_cost["score_ci95"] = list(analysis.bootstrap_ci(pooled)) if pooled else None
+        if summary_cost and reference:
+            summary_cost["x_aligned_tokens"] = summary_cost["tokens"] / reference["tokens"] if reference["tokens"] else None
+            summary_cost["x_aligned_passes"] = summary_cost["passes"] / reference["passes"] if reference["passes"] else None
+
     shown = tested[0] if tested else runnable[0]
     examples = {c: scoring_examples(rows.get((shown, c), [])) for c in columns}
 
@@ -223,6 +236,7 @@ def build_report(eval_dir: Path) -> dict:
         "new_skills": new_skills, "p_metrics": p_metrics, "switching": switching, "sequences": sequences,
         "positions": positions, "model_share": share, "first_patch": first_patch,
         "sweep": sweep.curve(methods, rows, scores, columns, n_models),
+        "cost": cost, "cost_reference": aligned,
     }
 
 

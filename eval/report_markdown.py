@@ -88,6 +88,8 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
     out += ["", "## Methods x tasks", "",
             "Mean score x 100 (averaged over seeds); best per column in **bold**. `avg` is the mean over columns.", ""]
     best_avg = max(rep["average"], key=rep["average"].get) if rep["average"] else None
+    cost = rep.get("cost") or {}
+    with_cost = any(cost.get(n) for n in names)
     body = []
     for n in names:
         cells = []
@@ -96,13 +98,30 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
             text = _pct(v["mean"]) if v else "-"
             cells.append(f"**{text}**" if v and rep["best"][c] == n else text)
         avg = _pct(rep["average"].get(n))
-        body.append([n] + cells + [f"**{avg}**" if n == best_avg else avg])
-    out += _table(["method"] + cols + ["avg"], body)
+        ratio = (cost.get(n) or {}).get("x_aligned_tokens")
+        body.append([n] + cells + [f"**{avg}**" if n == best_avg else avg]
+                    + ([f"{ratio:.2f}x" if ratio is not None else "-"] if with_cost else []))
+    out += _table(["method"] + cols + ["avg"] + (["tokens vs aligned"] if with_cost else []), body)
 
     out += ["", "## 95% bootstrap confidence intervals", "", "Mean [low, high] x 100 over examples.", ""]
     out += _table(["method"] + cols, [[n] + [
         f"{_pct(scores[n][c]['mean'])} [{_pct(scores[n][c]['ci95'][0])}, {_pct(scores[n][c]['ci95'][1])}]"
         if c in scores[n] else "-" for c in cols] for n in names])
+
+    if with_cost:
+        out += ["", "## Cost per method", "",
+                "Per response, summed over every model (switchkit.cost): tokens read (prefilled) and written, forward "
+                "passes, the switcher's or router's passes, and total tokens relative to "
+                f"`{rep.get('cost_reference') or 'the aligned model'}` alone. Averaged over all tasks and seeds; the "
+                "score beside it is the mean x 100 over every example of every column [95% bootstrap CI].", ""]
+        out += _table(["method", "score [95% CI]", "tokens read", "tokens written", "forward passes",
+                       "switcher passes", "tokens vs aligned", "passes vs aligned"], [
+            [n, f"{_pct(v['score'])} [{_pct(v['score_ci95'][0])}, {_pct(v['score_ci95'][1])}]"
+             if v.get("score_ci95") else "-",
+             f"{v['prompt_tokens']:.1f}", f"{v['generated_tokens']:.1f}", f"{v['passes']:.1f}",
+             f"{v['switcher_passes']:.1f}",
+             *(f"{v[k]:.2f}x" if v.get(k) is not None else "-" for k in ("x_aligned_tokens", "x_aligned_passes"))]
+            for n in names if (v := cost.get(n))])
 
     if rep["significance"]:
         out += ["", "## Significance against the best baseline", "",

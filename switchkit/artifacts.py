@@ -5,7 +5,9 @@ Run directory (``run_dir``, default ``runs/<recipe name>``); a recipe's ``*.outp
     synthesis/      data.parquet | data.jsonl, stats.json, work/ (resumable chunks)   synthesis.output
     switcher/       the exported global switcher                                     train.output
     task_switchers/ one exported switcher per task (<task>/)                          train.output/<task>
-    checkpoints/    switcher/, task_switchers/<task>/, distill/: last.ckpt, fingerprint.json, logs/
+    router/         the trained router (RouteLLM-style baseline), router_data.parquet its training records
+    merged/         weight-merged baselines: <method>/ or <method>/<task>/ (HF), each with merge.json
+    checkpoints/    switcher/, task_switchers/<task>/, router/, distill/: last.ckpt, fingerprint.json, logs/
     eval/           cells/, results.json, report/                                    eval.output
     distill/        generations/ (resumable), report.json
     distilled/      the distilled model (HF)                                        distill.output
@@ -62,8 +64,24 @@ def switcher_dir(recipe: Recipe, task: Optional[str] = None) -> Path:
     return _under(recipe, recipe.train.output, "task_switchers") / task
 
 
+def router_dir(recipe: Recipe) -> Path:
+    """The trained router (``toolkit train-router``): ``<run_dir>/router``."""
+    return Path(recipe.run_dir) / "router"
+
+
+def router_data(recipe: Recipe) -> Path:
+    """The router's training records (first decisions of synthesis): ``<run_dir>/router_data.parquet``."""
+    return Path(recipe.run_dir) / "router_data.parquet"
+
+
+def merged_dir(recipe: Recipe, method: str, task: Optional[str] = None) -> Path:
+    """A weight-merged baseline model: ``<run_dir>/merged/<method>[/<task>]``."""
+    folder = Path(recipe.run_dir) / "merged" / method
+    return folder / task if task else folder
+
+
 def checkpoint_dir(recipe: Recipe, kind: str, task: Optional[str] = None) -> Path:
-    """Lightning checkpoints of a fit: ``<run_dir>/checkpoints/<kind>`` (kind: switcher, distill), or
+    """Lightning checkpoints of a fit: ``<run_dir>/checkpoints/<kind>`` (kind: switcher, router, distill), or
     ``<run_dir>/checkpoints/task_<kind>s/<task>`` for one task's (beside, not inside, the global fit's folder)."""
     folder = Path(recipe.run_dir) / "checkpoints"
     return folder / f"task_{kind}s" / task if task else folder / kind

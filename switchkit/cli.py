@@ -184,6 +184,11 @@ _command(
     "Synthesize (if needed), train and export a switcher: recipe=NAME [overwrite=true] [key=value ...]. " + OVERWRITE,
 )
 _command(
+    "train-router", "switchkit.trainer.router:train_router_command", ("overwrite",),
+    "Train the trained-router baseline on synthesis's first decisions: recipe=NAME [overwrite=true] "
+    "[key=value ...]. " + OVERWRITE,
+)
+_command(
     "distill", "switchkit.cli:distill_and_evaluate", ("overwrite",),
     "Distill switch generation into the aligned model and evaluate it: recipe=NAME [overwrite=true] "
     "[key=value ...]. " + OVERWRITE,
@@ -229,10 +234,15 @@ def release(args: tuple[str, ...]) -> None:
 
 @main.command()
 def recipes() -> None:
-    """List the packaged recipes."""
+    """List the packaged recipes, then the paper's 18 tasks (``source: paper:NAME``)."""
+    from .suite import describe_paper_tasks
+
     for name in list_recipes():
         recipe = load_recipe(name)
         click.echo(f"{name:<32} {recipe.description}")
+    click.echo("\nThe paper's 18 tasks (source: paper:NAME; data from $SWITCHKIT_DATA, default data/):")
+    for line in describe_paper_tasks():
+        click.echo("  " + line)
 
 
 @main.command(name="show-recipe", context_settings=CONTEXT)

@@ -20,7 +20,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge")
+TASK_TYPES = ("exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge", "abstain",
+              "randomness", "diversity", "coverage")
 MAX_MODELS = 10  # a switcher reads its decision from the single-digit tokens "0".."9"
 
 
@@ -159,10 +160,13 @@ def judge_problem(judge: JudgeConfig) -> Optional[str]:
 
 @dataclass
 class TaskConfig:
-    """A task: ``source`` is a hub dataset id, a local JSON/JSONL/Parquet file, or ``builtin:NAME``."""
+    """A task: ``source`` is a hub dataset id, a local JSON/JSONL/Parquet file, ``builtin:NAME`` or ``paper:NAME``
+    (one of the paper's 18 tasks, :mod:`switchkit.suite`). ``scorer_model`` is the model of a ``coverage`` (NLI)
+    or ``diversity`` (embeddings) scorer."""
 
     name: str = "???"
-    type: Literal["exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge"] = "exact_match"
+    type: Literal["exact_match", "multiple_choice", "f1_match", "noncompliance", "reward_model", "judge", "abstain",
+                  "randomness", "diversity", "coverage"] = "exact_match"
     source: str = "???"
     split: str = "dev"
     fields: dict[str, str] = field(default_factory=dict)
@@ -170,6 +174,7 @@ class TaskConfig:
     reward_model: Optional[str] = None
     hub_config: Optional[str] = None
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    scorer_model: Optional[str] = None
 
 
 @dataclass
@@ -251,6 +256,17 @@ class RayConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The paper's collaboration baselines that are eval methods (:mod:`switchkit.eval.baselines`)."""
+
+    rounds: int = 2  # text-collaborate and debate: rounds of exchange after the first responses
+    dev_limit: Optional[int] = None  # dev examples that rank the candidates (greedy-soup, proxy-tuning); null: all
+    merge_density: float = 0.5  # dare-ties: share of each task vector kept
+    merge_base: Optional[str] = None  # dare-ties base (a candidate name); null: the pretrained one, else the first
+    proxy_models: Optional[list[str]] = None  # proxy-tuning [best, worst] (names or indices); null: ranked on dev
+
+
+@dataclass
 class DistillConfig(FitConfig):
     generations: Optional[str] = None
     min_score: Optional[float] = None
@@ -274,6 +290,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
 # (key, check, what is allowed); keys use "*" for any list index.
@@ -319,6 +336,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("eval.limit", lambda v: v is None or v > 0, "null or an integer > 0"),
     ("generation.seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("eval.seeds.*", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    ("baselines.rounds", lambda v: v >= 0, "an integer >= 0"),
+    ("baselines.dev_limit", lambda v: v is None or v > 0, "null or an integer > 0"),
+    ("baselines.merge_density", lambda v: 0 < v <= 1, "a float in (0, 1]"),
 ]
 
 

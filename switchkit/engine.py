@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, Sampling, common_prefix, make_backend
 from .config import ConfigError, GenerationConfig
+from .cost import charge, combine, empty_cost
 from .io import InputError
 from .models import Pool, encode_query
 
@@ -68,12 +69,14 @@ class Segment:
 
 @dataclass
 class View:
-    """One candidate's view of a sequence: its context ids, how much response text they hold, its cache."""
+    """One candidate's view of a sequence: its context ids, how much response text they hold, its cache, and
+    how many of its ids the model has read (for the cost)."""
 
     ids: list[int]
     prompt_len: int
     text_len: int = 0
     state: object = None
+    read: int = 0
 
 
 class SwitchSequence:
@@ -82,6 +85,7 @@ class SwitchSequence:
     ``switch_probs`` holds one list of n probabilities per patch: the switcher's softmax, uniform for the
     random policy, one-hot for forced/single choices and for the aligned-first/last rule. ``states`` holds
     per-sequence policy state (the switcher's KV cache); ``generator`` serves the policy's random choices.
+    ``cost`` counts what each model processed (:mod:`switchkit.cost`).
     """
 
     def __init__(self, query: str, query_id, seed: int, views: list[View]):
@@ -95,6 +99,7 @@ class SwitchSequence:
         self.finish_reason: Optional[str] = None
         self.generator = torch.Generator().manual_seed(seed)
         self.states: dict = {}
+        self.cost = empty_cost()
 
     @property
     def text(self) -> str:
@@ -106,14 +111,21 @@ class SwitchSequence:
         """Response tokens so far (each segment counted in its writer's tokenizer)."""
         return sum(g.n_tokens for g in self.segments)
 
+    def charge_switcher(self, key, context: list[int]) -> None:
+        """Count one switcher decision over ``context``: only what its cache (keyed by ``key``) did not hold."""
+        previous = self.states.get(("context", key), ())
+        charge(self.cost, None, passes=1, prompt_tokens=len(context) - common_prefix(previous, context))
+        self.states[("context", key)] = list(context)
+
     def record(self) -> dict:
-        """The output record: input, output, segments, switch_probs, seed."""
+        """The output record: input, output, segments, switch_probs, seed, cost."""
         return {
             "input": self.query,
             "output": self.text,
             "segments": [{"model": g.model, "text": g.text, "n_tokens": g.n_tokens} for g in self.segments],
             "switch_probs": self.switch_probs,
             "seed": self.seed,
+            "cost": self.cost,
         }
 
 
@@ -199,12 +211,13 @@ class SwitchEngine:
         """Copies of ``seq`` that share its written prefix and caches; each gets its own generator."""
         copies = []
         for seed in seeds:
-            views = [View(list(v.ids), v.prompt_len, v.text_len, v.state) for v in seq.views]
+            views = [View(list(v.ids), v.prompt_len, v.text_len, v.state, v.read) for v in seq.views]
             copy = SwitchSequence(seq.query, seq.query_id, seed, views)
             copy.segments = [replace(g) for g in seq.segments]
             copy.switch_probs = [list(p) for p in seq.switch_probs]
             copy.done, copy.finish_reason = seq.done, seq.finish_reason
             copy.states = dict(seq.states)
+            copy.cost = combine([seq.cost])
             copies.append(copy)
         return copies
 
@@ -223,7 +236,10 @@ class SwitchEngine:
             states = self.backend.prefill(model, [s.views[model].ids for s in live],
                                           [s.views[model].state for s in live])
             for seq, state in zip(live, states):
-                seq.views[model].state = state
+                view = seq.views[model]
+                view.state = state
+                charge(seq.cost, self.pool[model].name, passes=1, prompt_tokens=len(view.ids) - view.read)
+                view.read = len(view.ids)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -255,8 +271,12 @@ class SwitchEngine:
                 self.sampling, self.eos[model],
             )
             for seq, out, state in zip(group, outs, states):
-                seq.views[model].state = state
+                view = seq.views[model]
+                view.state = state
+                charge(seq.cost, self.pool[model].name, passes=len(out), prompt_tokens=len(view.ids) - view.read,
+                       generated_tokens=len(out))
                 self._commit(seq, model, out)
+                view.read = len(view.ids)  # its own patch is not read again as a prompt
 
     def _commit(self, seq: SwitchSequence, model: int, out: list[int]) -> None:
         """Append a written patch to the views and the segments; set done/finish_reason."""
@@ -361,7 +381,10 @@ class SwitchEngine:
         return seqs
 
     def generate(self, queries: list[str], policy: "Policy", seeds: list[int], progress: bool = False) -> list[dict]:
-        """One record per query (:meth:`SwitchSequence.record`), in batches of ``generation.batch_size``."""
+        """One record per query (:meth:`SwitchSequence.record`), in batches of ``generation.batch_size``. A policy
+        that decodes on its own (a token-level mixture, :mod:`switchkit.mixing`) writes the records itself."""
+        if hasattr(policy, "respond"):
+            return policy.respond(self, queries, seeds)
         records = []
         size = self.cfg.batch_size
         for first in range(0, len(queries), size):

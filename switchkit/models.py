@@ -324,6 +324,22 @@ def load_source(cand: CandidateConfig, cfg: PoolConfig) -> tuple[PreTrainedModel
     )
 
 
+def hf_source(cand: CandidateConfig, cfg: PoolConfig) -> str:
+    """The candidate as an HF directory or hub id that transformers (and mergekit) read directly, without loading
+    its weights; a GGUF candidate is converted first (the cached copy, as :func:`load_causal_lm` makes it)."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    source, gguf_file = resolve_source(cand, cache_dir)
+    if not gguf_file:
+        return source
+    converted = cache_dir / "gguf" / _gguf_cache_key(source, gguf_file)
+    if not (converted / "config.json").is_file():
+        try:
+            _convert_gguf(source, gguf_file, converted, dict(trust_remote_code=cfg.trust_remote_code))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot convert {source}/{gguf_file}: {str(exc).strip().splitlines()[0]}") from None
+    return str(converted)
+
+
 def load_pool(cfg: PoolConfig, backend: str = "hf") -> Pool:
     """Load every candidate of a pool config onto its device, for the generation backend ``backend``: the HF
     weights only when that backend runs them (``Backend.loads_weights``), else tokenizers, configs and EOS ids only."""

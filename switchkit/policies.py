@@ -44,7 +44,9 @@ class Policy:
     """Decides which model writes the next patch of each unfinished sequence.
 
     ``explicit`` policies (forced, single) name every writer themselves, so the engine's aligned-first/last
-    rule does not override them. ``arg`` is the text after a colon in a method name (``single:2``).
+    rule does not override them. ``arg`` is the text after a colon in a method name (``single:2``). A policy that
+    decodes whole responses itself (a token-level mixture, :mod:`switchkit.mixing`) also defines
+    ``respond(engine, queries, seeds)``, which :meth:`SwitchEngine.generate` then calls instead of writing patches.
     """
 
     name = ""
@@ -56,6 +58,10 @@ class Policy:
         if arg is not None:
             raise ConfigError(f"policy {cls.name!r} takes no argument, got {cls.name}:{arg}")
         return cls()
+
+    @classmethod
+    def check(cls, recipe: Recipe, arg: Optional[str] = None) -> None:
+        """Before anything loads: raise a :class:`ConfigError` when the recipe's pool cannot run this policy."""
 
     @classmethod
     def artifact(cls, recipe: Recipe, arg: Optional[str] = None) -> Optional[str]:
@@ -157,15 +163,19 @@ class SwitcherPolicy(Policy):
         self.owned = owned
         self.aligned_bias = aligned_bias  # the cost knob (switcher.aligned_bias)
 
+    def selector_text(self, seq: "SwitchSequence") -> str:
+        """The text the switcher reads before deciding for ``seq``: the switcher prompt."""
+        return build_prompt(seq.query, [(g.model, g.text) for g in seq.segments], self.n)
+
     def logprobs(self, seqs: list["SwitchSequence"]) -> torch.Tensor:
         """The switcher's ``[batch, n]`` log-probabilities over the model ids; updates each sequence's state."""
-        contexts = [self.format.encode(self.tokenizer, self.vocab,
-                                       build_prompt(s.query, [(g.model, g.text) for g in s.segments], self.n),
-                                       self.max_length) for s in seqs]
+        contexts = [self.format.encode(self.tokenizer, self.vocab, self.selector_text(s), self.max_length)
+                    for s in seqs]
         logprobs, states = self.engine.backend.id_logprobs(self.slot, contexts, [s.states.get(self) for s in seqs],
                                                            self.vocab.token_ids)
-        for s, st in zip(seqs, states):
+        for s, st, ctx in zip(seqs, states, contexts):
             s.states[self] = st
+            s.charge_switcher(self, ctx)
         return logprobs
 
     def choose(self, engine, seqs):
@@ -198,14 +208,14 @@ def _resolve_format(requested: Optional[str], stored: Optional[str], tokenizer, 
 
 def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Optional[str] = None,
                   top_p: float = 0.7, greedy: bool = False, allow_n_mismatch: bool = False,
-                  aligned_bias: float = 0.0) -> SwitcherPolicy:
+                  aligned_bias: float = 0.0, policy_class: type[SwitcherPolicy] = SwitcherPolicy) -> SwitcherPolicy:
     """Load a switcher into the engine's backend: a trainer export, a peft adapter dir, or any HF causal LM.
 
     An adapter whose base model is a pool candidate (its source) is attached to that candidate's weights, so
     the pool holds n models, not n+1. The prompt format is the one in ``switchkit.json``; a plain HF switcher
     gets ``prompt_format``, else v1-chat when it has a chat template. A switcher exported for another number
     of models is refused unless ``allow_n_mismatch`` (the paper's unseen-model settings: the prompt then names
-    the pool's n).
+    the pool's n). ``policy_class`` is the :class:`SwitcherPolicy` subclass to build (a router's).
     """
     pool, backend = engine.pool, engine.backend
     folder = Path(path_or_id).expanduser()
@@ -234,8 +244,8 @@ def load_switcher(engine: "SwitchEngine", path_or_id: str, *, prompt_format: Opt
         slot, tokenizer = backend.add_model(str(path_or_id))
         owned.append(slot)
     fmt = _resolve_format(prompt_format, meta.prompt_format if meta else None, tokenizer, str(folder))
-    return SwitcherPolicy(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
-                          max_length=meta.max_length if meta else None, owned=tuple(owned), aligned_bias=aligned_bias)
+    return policy_class(engine, owned[-1], tokenizer, fmt, top_p=top_p, greedy=greedy,
+                        max_length=meta.max_length if meta else None, owned=tuple(owned), aligned_bias=aligned_bias)
 
 
 @register_policy("trained")
@@ -288,6 +298,7 @@ def check_policy(recipe: Recipe, name: Optional[str] = None, arg: Optional[str] 
     name = name or recipe.switcher.policy
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
+    POLICIES[name].check(recipe, arg)
     path = POLICIES[name].artifact(recipe, arg)
     if path and not Path(path).expanduser().exists():
         if HUB_ID.match(path) and (arg or recipe.switcher.path):
@@ -307,3 +318,6 @@ def make_policy(recipe: Recipe, engine: "SwitchEngine", name: Optional[str] = No
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}: registered are {', '.join(sorted(POLICIES))}")
     return POLICIES[name].from_recipe(recipe, engine, arg)
+
+
+from . import mixing, routers  # noqa: E402,F401  (register the baselines: prompt-route, trained-router, logit-merge, proxy-tuning)

@@ -2,6 +2,8 @@
 
 Sources (``TaskConfig.source``):
 
+- ``paper:NAME``: one of the paper's 18 tasks (:mod:`switchkit.suite`): its task type and scorer settings,
+  data from ``$SWITCHKIT_DATA/<file>`` (default ``data/``) in the ``{task_type, dev, test}`` format.
 - ``builtin:NAME``: a short-answer task shipped with the package as ``switchkit/data/NAME.json`` in the
   ``{task_type, dev, test}`` format (disjoint splits, at least 200 test queries): ``capitals`` (countries and
   first-level regions; the base model leads, with largest-city traps), ``plurals`` (irregular nouns among
@@ -44,7 +46,14 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "noncompliance": (("input",), ("id", "category")),
     "reward_model": (("input",), ("id", "output")),
     "judge": (("input",), ("id", "output")),
+    "abstain": (("question", "choices", "answer"), ("id",)),
+    "randomness": (("input", "low", "high"), ("id",)),
+    "diversity": (("input", "references"), ("id",)),
+    "coverage": (("input", "perspectives"), ("id",)),
 }
+CHOICE_TYPES = ("multiple_choice", "abstain")  # rows with lettered choices
+LIST_GOLDS = {"diversity": "references", "coverage": "perspectives"}  # a non-empty list of texts is the gold
+ABSTAIN_NOTE = "If you are not confident that your answer is right, say \"I abstain\" after it."
 
 
 @dataclass
@@ -100,16 +109,29 @@ def render_choices(choices: Any, where: str) -> dict[str, str]:
 
 def render_query(task_type: str, row: dict) -> str:
     """The query text the candidates see: the input as is, or the question with its lettered choices."""
-    if task_type == "multiple_choice":
+    if task_type in CHOICE_TYPES:
         lines = [str(row["question"]).strip(), ""]
         lines += [f"{letter}. {text}" for letter, text in row["choices"].items()]
         lines += ["", "Answer with the letter of the correct choice."]
+        if task_type == "abstain":
+            lines[-1] += " " + ABSTAIN_NOTE
         return "\n".join(lines)
     return str(row["input"])
 
 
 def _gold(task_type: str, row: dict, where: str) -> Any:
-    if task_type == "multiple_choice":
+    if task_type == "randomness":
+        low, high = row["low"], row["high"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+            raise InputError(f"{where}: fields 'low' and 'high' must be integers with low < high, got {low!r}, {high!r}")
+        return [low, high]
+    if task_type in LIST_GOLDS:
+        key = LIST_GOLDS[task_type]
+        texts = row[key]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise InputError(f"{where}: field {key!r} must be a non-empty list of non-empty strings")
+        return texts
+    if task_type in CHOICE_TYPES:
         answer = row["answer"]
         if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(row["choices"]):
             answer = LETTERS[answer]
@@ -144,14 +166,14 @@ def make_example(task: str, split: str, index: int, task_type: str, raw: Any, fi
         elif name in required:
             hint = f" (mapped from task field {name!r})" if key != name else ""
             raise InputError(f"{where}: missing field {key!r}{hint}")
-    if task_type == "multiple_choice":
+    if task_type in CHOICE_TYPES:
         row["choices"] = render_choices(row["choices"], where)
     else:
         if not isinstance(row["input"], str) or not row["input"].strip():
             raise InputError(f"{where}: field {fields.get('input', 'input')!r} must be a non-empty string")
     gold = _gold(task_type, row, where)
     meta = {k: v for k, v in raw.items() if k not in {fields.get(n, n) for n in required}}
-    if task_type == "multiple_choice":
+    if task_type in CHOICE_TYPES:
         meta["choices"] = row["choices"]
     return Example(id=f"{task}/{split}/{index}", query=render_query(task_type, row), gold=gold, meta=meta)
 
@@ -233,6 +255,10 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
     """Load a task split (``split`` overrides ``cfg.split``; ``limit`` or ``cfg.limit`` keeps the first rows).
 
     ``trust_remote_code`` only matters for a reward model (pass the pool's setting); a judge never trusts remote code."""
+    if cfg.source.startswith("paper:"):
+        from .suite import paper_task_config
+
+        cfg = paper_task_config(cfg)
     split = split or cfg.split
     limit = limit if limit is not None else cfg.limit
     task_type = cfg.type
@@ -259,7 +285,8 @@ def load_task(cfg: TaskConfig, split: Optional[str] = None, limit: Optional[int]
                 for i, raw in enumerate(rows)]
     if task_type == "reward_model" and not cfg.reward_model:
         raise ConfigError(f"task {cfg.name}: type reward_model needs reward_model: a hub id or local directory")
-    scorer = get_scorer(task_type, cfg.reward_model, judge=cfg.judge, task=cfg.name, trust_remote_code=trust_remote_code)
+    scorer = get_scorer(task_type, cfg.reward_model, judge=cfg.judge, task=cfg.name, scorer_model=cfg.scorer_model,
+                        trust_remote_code=trust_remote_code)
     return Task(cfg.name, task_type, split, examples, scorer, _scorer_key(task_type, cfg))
 
 
@@ -274,6 +301,8 @@ def _scorer_key(task_type: str, cfg: TaskConfig) -> str:
         return source_identity(CandidateConfig(source=cfg.reward_model))
     if task_type == "judge" and cfg.judge.model:
         return json.dumps([source_identity(CandidateConfig(source=cfg.judge.model)), asdict(cfg.judge)], sort_keys=True)
+    if task_type in ("coverage", "diversity") and cfg.scorer_model:
+        return source_identity(CandidateConfig(source=cfg.scorer_model))
     return ""
 
 

@@ -294,7 +294,7 @@ def test_bad_inputs(pool, tmp_path):
         read_items(str(empty))
     with pytest.raises(ConfigError, match="does not exist: run `toolkit train-switcher recipe=custom`"):
         make_policy(Recipe(run_dir=str(tmp_path), switcher=SwitcherConfig(policy="trained")), engine)
-    with pytest.raises(ConfigError, match="switcher.policy='routing' is unknown: allowed are forced, random"):
+    with pytest.raises(ConfigError, match="switcher.policy='routing' is unknown: allowed are forced, logit-merge, prompt-route, proxy-tuning, random"):
         load_recipe("demo", ["switcher.policy=routing"])
 
 
@@ -310,7 +310,7 @@ def test_generate_command_writes_records(dirs, tmp_path):
     assert [r["input"] for r in rows] == QUERIES
     assert [r["seed"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert set(r) == {"id", "input", "output", "segments", "switch_probs", "seed"}
+        assert set(r) == {"id", "input", "output", "segments", "switch_probs", "seed", "cost"}
         assert set(r["segments"][0]) == {"model", "text", "n_tokens"}
         assert r["output"] == "".join(s["text"] for s in r["segments"])
     assert not (tmp_path / "out.jsonl.parts").exists()

@@ -64,11 +64,12 @@ def _metrics(results: list[dict], n: int, data: SwitcherDataModule) -> dict:
 
 
 def switcher_plan(recipe: Recipe, records: datasets.Dataset, task: Optional[str], out: Path,
-                  overwrite: bool = False) -> FitPlan:
-    """What the fit of one switcher continues and replaces (checked before anything loads)."""
+                  overwrite: bool = False, kind: str = "switcher") -> FitPlan:
+    """What the fit of one switcher continues and replaces (checked before anything loads); ``kind`` names its
+    checkpoint folder (``switcher``, or ``router`` for the trained-router baseline)."""
     expected = fit_fingerprint(recipe, "train", init_candidate(recipe), data=records_hash(records), task=task,
                                n=len(recipe.pool.candidates), prompt_format=recipe.switcher.prompt_format or "v1")
-    return plan_fit(checkpoint_dir(recipe, "switcher", task), expected, recipe.train, "train", out, overwrite)
+    return plan_fit(checkpoint_dir(recipe, kind, task), expected, recipe.train, "train", out, overwrite)
 
 
 def fit_switcher(recipe: Recipe, data: Sequence[str | Path] | datasets.Dataset, *, task: Optional[str] = None,
@@ -94,14 +95,14 @@ def fit_switcher(recipe: Recipe, data: Sequence[str | Path] | datasets.Dataset, 
 
 def train_switcher(recipe: Recipe, data_files: Sequence[str | Path], *, task: Optional[str] = None,
                    output: Optional[str | Path] = None, progress: bool = True,
-                   overwrite: bool = False) -> tuple[Path, dict]:
+                   overwrite: bool = False, kind: str = "switcher") -> tuple[Path, dict]:
     """Train one switcher on ``data_files`` (optionally one task), export it; return (folder, val metrics).
 
     A rerun of the same job continues its checkpoint (and does nothing once it is exported); checkpoints or an
     export folder of another job are an error unless ``overwrite``."""
     out = Path(output) if output else switcher_dir(recipe, task)
     records = load_records(data_files, len(recipe.pool.candidates), task)
-    plan = switcher_plan(recipe, records, task, out, overwrite)
+    plan = switcher_plan(recipe, records, task, out, overwrite, kind)
     if plan.finished:
         meta = read_meta(out)
         print(f"switcher: {out} is up to date ({plan.epochs_done} epochs)")
