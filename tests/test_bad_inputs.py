@@ -140,7 +140,7 @@ CASES = [
     ("cli-unknown-command", ["bogus"], None, "No such command 'bogus'"),
     ("cli-not-key-value", ["eval", R, "--fast"], None, "'--fast' is not key=value"),
     ("cli-missing-recipe", ["eval"], None, "recipe=NAME is required"),
-    ("cli-report-without-run", ["report"], None, "run= is required"),
+    ("cli-report-without-run", ["report"], None, "give run=DIR, or runs=DIR,DIR,... with out=DIR"),
     ("cli-release-unknown-argument", ["release", "ckpt={w}/switcher", "out={t}/rel", "bogus=1"], None,
      "'bogus=1' is not allowed"),
     ("cli-overwrite-not-bool", GEN + ["output={t}/o.jsonl", "overwrite=maybe"], None, "overwrite='maybe'"),
