@@ -135,13 +135,16 @@ def is_finished(out: Path, expected: dict, overwrite: bool = False) -> bool:
 
     Also checks, before anything is loaded and without changing anything, that whatever lies at ``out`` is this
     job's: a finished output or saved batches with another fingerprint, or a file this job did not write, is an
-    error naming it unless ``overwrite`` (then :func:`run_items` replaces it).
+    error naming it unless ``overwrite`` (then :func:`run_items` replaces it). The saved batches of a finished
+    output (a kill came after its fingerprint, before they were removed) are removed: the output holds them all.
     """
     out = Path(out)
     check_writable(out)
-    if out.is_file() and same_job(fingerprint_file(out), expected, out, overwrite):
-        return True
     parts = parts_dir(out)
+    if out.is_file() and same_job(fingerprint_file(out), expected, out, overwrite):
+        if parts.is_dir() and same_job(parts / "fingerprint.json", expected, out, overwrite=True):
+            shutil.rmtree(parts, ignore_errors=True)
+        return True
     resumable = same_job(parts / "fingerprint.json", expected, out, overwrite)
     if resumable:
         _saved_rows(parts)  # a damaged batch is an error now, not after the models load
