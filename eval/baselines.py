@@ -36,7 +36,7 @@ from switchkit.cost import combine
 from switchkit.engine import SwitchEngine, derive_seed
 from switchkit.mixing import ProxyTuning, check_shared_tokenizer, proxy_pair, proxy_weights
 from switchkit.policies import SinglePolicy
-from switchkit.runner import fingerprint, item_seed, run_items, scored, task_items
+from switchkit.runner import generation_fingerprint, item_seed, run_items, scored, task_items
 from switchkit.tasks import Task, content_hash, load_task
 
 from . import merges
@@ -297,7 +297,7 @@ class GreedySoup(WeightMerge):
         dev = dev_task(recipe, task)
         out = merged_dir(recipe, self.kind, task)
         key = {"sources": sources, "dev": content_hash(dev), "seed": recipe.eval.seeds[0],
-               "generation": fingerprint(recipe, switcher=False)["generation"]}
+               "generation": generation_fingerprint(recipe)}
         if merges.cached_merge(out, key) is not None:
             return out
         dtype, aligned = merges.merge_dtype(recipe.pool), sources[_aligned(recipe)]

@@ -268,19 +268,15 @@ def pooled_answer(run_dirs: list[str]) -> dict:
     for k, run_dir in enumerate(run_dirs):
         summary, rows = load_results(find_eval_dir(run_dir))
         roles = method_roles(summary, rows)
-        shape = (roles["names"], roles["columns"])
-        if first is None:
-            first = roles
-        elif shape != (first["names"], first["columns"]):
+        first = first or roles
+        if (roles["names"], roles["columns"]) != (first["names"], first["columns"]):
             raise InputError(f"{run_dir}: its methods or tasks differ from {run_dirs[0]}'s: pool only runs of one recipe")
-        by_id = {(name, col): analysis.mean_by_id(recs) for (name, col), recs in rows.items()}
-        for (name, col), scores in by_id.items():
-            pooled[name][col].update({f"{k}:{i}": v for i, v in scores.items()})
-        nested = defaultdict(dict)
-        for (name, col), scores in by_id.items():
-            nested[name][col] = scores
+        by_id = defaultdict(dict)
+        for (name, col), recs in rows.items():
+            by_id[name][col] = analysis.mean_by_id(recs)
+            pooled[name][col].update({f"{k}:{i}": v for i, v in by_id[name][col].items()})
         args = (first["columns"], first["tested"], first["singles"], first["ceilings"], first["names"])
-        per_run.append({"run": str(run_dir), **answer(nested, *args)})
+        per_run.append({"run": str(run_dir), **answer(by_id, *args)})
     return {"runs": per_run, "pooled": answer(pooled, *args)}
 
 

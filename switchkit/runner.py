@@ -70,6 +70,11 @@ def item_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def generation_fingerprint(recipe: Recipe) -> dict:
+    """The generation settings that decide generated text (not ``batch_size`` or the vLLM engine settings)."""
+    return {k: v for k, v in to_dict(recipe.generation).items() if k not in ("batch_size", "vllm")}
+
+
 def fingerprint(recipe: Recipe, switcher: bool = True, **extra) -> dict:
     """What decides generated rows: the pool (settings and each model's weights, see
     :func:`switchkit.models.source_identity`), the generation settings, the switcher settings (unless the rows
@@ -79,9 +84,8 @@ def fingerprint(recipe: Recipe, switcher: bool = True, **extra) -> dict:
 
     cfg = to_dict(recipe)
     pool = {k: v for k, v in cfg["pool"].items() if k != "cache_dir"}
-    generation = {k: v for k, v in cfg["generation"].items() if k not in ("batch_size", "vllm")}  # not results
     return {"version": RUNNER_VERSION, "pool": pool, "models": [source_identity(c) for c in recipe.pool.candidates],
-            "generation": generation, "switcher": cfg["switcher"] if switcher else None, **extra}
+            "generation": generation_fingerprint(recipe), "switcher": cfg["switcher"] if switcher else None, **extra}
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
