@@ -16,6 +16,11 @@ For each backend in ``--backend`` (``hf``, ``vllm`` or ``hf,vllm`` for both in o
   sees about B sequences, as plain generation does. With n writers each model sees about 1/n of the batch, and
   where decoding is memory-bound a forward pass costs about the same at any batch: switching at an equal batch has
   a ceiling near 1/(active writers); this ratio shows the engine's own efficiency apart from that structure;
+- ``writers_ratio_vs_single_equal_per_call[B]`` and ``decision_share_equal_per_call[B]``: the same run split in
+  two, the writers' tokens/s over plain generation's with the switcher's decisions (``id_logprobs``) taken out, and
+  the decisions' share of the time. Each decision reads the new patch plus the prompt's closing question (the v1
+  format) with the aligned model: where a forward pass costs per token (compute-bound, as on a CPU) that reading
+  costs about as much as the tokens written; where decoding is memory-bound (GPUs) prefill is far cheaper;
 - ``sequences_per_model_call[B]``: the mean batch of the engine's writes;
 - ``speedup_vs_naive`` (at the smallest B): the engine's time divided into that of a naive engine that, like
   public reference code, re-encodes the whole context for every patch (vLLM: prefix cache reset before each call)
@@ -147,16 +152,26 @@ def naive_generate(plain: Plain, qs: list[str], patch: int, max_new: int, switch
     return CLOCK() - start, sum(s[2] for seg in segments for s in seg)
 
 
-def switch_generate(plain: Plain, qs: list[str], policy=None) -> tuple[float, int, float]:
-    """Seconds and tokens for the engine (default policy: ``--policy``); also the mean batch per write."""
+def switch_generate(plain: Plain, qs: list[str], policy=None) -> tuple[float, int, float, float]:
+    """Seconds and tokens for the engine (default policy: ``--policy``); also the mean batch per write and the
+    seconds spent in switcher decisions (the backend's ``id_logprobs``)."""
     engine = plain.engine
     aligned = engine.pool[engine.pool.aligned_index]
     if policy is None and POLICY == "random":
         policy = RandomPolicy()
     policy = policy or SwitcherPolicy(engine, aligned.index, aligned.tokenizer, get_format("v1"), top_p=0.7)
-    batches = []
-    write = engine.write
+    batches, decisions = [], [0.0]
+    write, id_logprobs = engine.write, engine.backend.id_logprobs
+
+    def timed_id_logprobs(*args):
+        start = CLOCK()
+        try:
+            return id_logprobs(*args)
+        finally:
+            decisions[0] += CLOCK() - start
+
     engine.write = lambda seqs, models: (batches.append(len(seqs)), write(seqs, models))
+    engine.backend.id_logprobs = timed_id_logprobs
     try:
         seqs = engine.start(qs, list(range(len(qs))))
         plain.reset()
@@ -164,8 +179,8 @@ def switch_generate(plain: Plain, qs: list[str], policy=None) -> tuple[float, in
         engine.run(seqs, policy)
         elapsed = CLOCK() - start
     finally:
-        engine.write = write
-    return elapsed, sum(s.n_tokens for s in seqs), sum(batches) / len(batches)
+        engine.write, engine.backend.id_logprobs = write, id_logprobs
+    return elapsed, sum(s.n_tokens for s in seqs), sum(batches) / len(batches), decisions[0]
 
 
 def build_engine(backend: str, model_dir: str, n: int, patch: int, max_new: int, dtype: str,
@@ -188,20 +203,25 @@ def bench_backend(backend: str, model_dir: str, args) -> dict:
     for _ in range(args.repeats):  # interleaved; the best of each
         for b in args.batches:
             single[b] = min(single.get(b, float("inf")), single_generate(plain, queries(b), args.max_new))
-            t, tokens, calls = switch_generate(plain, queries(b))
+            t, tokens, calls, _ = switch_generate(plain, queries(b))
             switch[b] = min(switch.get(b, (float("inf"),))[0], t), tokens
             per_call[b] = calls
-            t, tokens, calls = switch_generate(plain, queries(n * b))
-            equal[b] = min(equal.get(b, (float("inf"),))[0], t), tokens
+            t, tokens, calls, decide = switch_generate(plain, queries(n * b))
+            if t < equal.get(b, (float("inf"),))[0]:
+                equal[b] = t, tokens, decide
             per_call_equal[b] = calls
     b0 = min(args.batches)
-    t_engine_single, _, _ = switch_generate(plain, queries(b0), SinglePolicy(engine.pool.aligned_index))
+    t_engine_single, _, _, _ = switch_generate(plain, queries(b0), SinglePolicy(engine.pool.aligned_index))
     t_naive, naive_tokens = naive_generate(plain, queries(b0), args.patch, args.max_new)
     single_tps = {b: b * args.max_new / single[b] for b in args.batches}
     result = {
         "ratio_vs_single": {b: round(switch[b][1] / switch[b][0] / single_tps[b], 3) for b in args.batches},
         "ratio_vs_single_equal_per_call": {b: round(equal[b][1] / equal[b][0] / single_tps[b], 3)
                                            for b in args.batches},
+        # the same without the switcher's decisions: the writers' own efficiency, and the decisions' share of time
+        "writers_ratio_vs_single_equal_per_call": {b: round(equal[b][1] / (equal[b][0] - equal[b][2]) / single_tps[b], 3)
+                                                   for b in args.batches},
+        "decision_share_equal_per_call": {b: round(equal[b][2] / equal[b][0], 3) for b in args.batches},
         "speedup_vs_naive": round((switch[b0][1] / switch[b0][0]) / (naive_tokens / t_naive), 3),
         "engine_single_model_ratio_vs_single": round(single[b0] / t_engine_single, 3),
         "sequences_per_model_call": {b: round(per_call[b], 2) for b in args.batches},

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from switchkit.artifacts import META_FILE, eval_dir, merged_dir, router_dir
-from switchkit.config import ConfigError, Recipe, TaskConfig
+from switchkit.config import ConfigError, NotApplicable, Recipe, TaskConfig
 from switchkit.cost import combine
 from switchkit.engine import SwitchEngine, derive_seed
 from switchkit.mixing import ProxyTuning, check_shared_tokenizer, proxy_pair, proxy_weights
@@ -238,7 +238,7 @@ class WeightMerge(Method):
         if self._checked:
             return
         if len(self.recipe.pool.candidates) < 2:
-            raise ConfigError(f"method {self.name} merges weights: it needs at least 2 candidates")
+            raise NotApplicable(f"method {self.name} merges weights: it needs at least 2 candidates")
         sources, names = merges.pool_sources(self.recipe.pool)
         merges.check_architectures(self.name, sources, names, self.recipe.pool.trust_remote_code)
         self._checked = True

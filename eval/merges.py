@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from switchkit.config import CandidateConfig, ConfigError, PoolConfig, candidate_name
+from switchkit.config import CandidateConfig, ConfigError, NotApplicable, PoolConfig, candidate_name
 from switchkit.io import atomic_path
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -35,7 +35,7 @@ def check_architectures(method: str, sources: list[str], names: list[str], trust
     for name, shape in zip(names[1:], shapes[1:]):
         if shape != shapes[0]:
             diff = ", ".join(f"{k} {shapes[0][k]} vs {shape[k]}" for k in ARCHITECTURE_KEYS if shape[k] != shapes[0][k])
-            raise ConfigError(f"method {method} merges weights, so the candidates must share one architecture: "
+            raise NotApplicable(f"method {method} merges weights, so the candidates must share one architecture: "
                               f"{names[0]} and {name} differ ({diff})")
 
 

@@ -237,6 +237,7 @@ def build_report(eval_dir: Path) -> dict:
         "positions": positions, "model_share": share, "first_patch": first_patch,
         "sweep": sweep.curve(methods, rows, scores, columns, n_models),
         "cost": cost, "cost_reference": aligned,
+        "not_applicable": summary.get("not_applicable") or {},
     }
 
 

@@ -121,7 +121,12 @@ def render_markdown(rep: dict, plots: list[str]) -> str:
              f"{v['prompt_tokens']:.1f}", f"{v['generated_tokens']:.1f}", f"{v['passes']:.1f}",
              f"{v['switcher_passes']:.1f}",
              *(f"{v[k]:.2f}x" if v.get(k) is not None else "-" for k in ("x_aligned_tokens", "x_aligned_passes"))]
-            for n in names if (v := cost.get(n))])
+            for n in names if (v := cost.get(n))]
+            + [[n, "not run on this pool (below)"] + ["-"] * 6 for n in rep.get("not_applicable", {})])
+    if rep.get("not_applicable"):
+        out += ["", "## Methods not run on this pool", "",
+                "Named in `eval.methods` but left out (`eval.skip_inapplicable`), because this pool cannot run them:", ""]
+        out += [f"- `{n}`: {reason}" for n, reason in rep["not_applicable"].items()]
 
     if rep["significance"]:
         out += ["", "## Significance against the best baseline", "",

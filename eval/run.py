@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from switchkit.artifacts import eval_dir
-from switchkit.config import Recipe, candidate_name, to_dict
+from switchkit.config import ConfigError, NotApplicable, Recipe, candidate_name, to_dict
 from switchkit.io import check_output, clear_output, read_jsonl, write_json_atomic, write_jsonl_atomic
 from switchkit.models import check_sources
 from switchkit.runner import fingerprint, is_finished, run_items, scored, task_items
@@ -63,7 +63,21 @@ def _generate(ctx: Context, method: Method, task: Task):
     return scored(task, run)
 
 
-def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: list[dict]) -> dict:
+def inapplicable(methods: list[Method], task: str) -> dict[str, str]:
+    """The methods that cannot run on this pool (:class:`NotApplicable`), each with the reason."""
+    found = {}
+    for method in methods:
+        try:
+            method.check(task)
+        except NotApplicable as exc:
+            found[method.name] = str(exc)
+        except ConfigError:
+            pass  # a missing artifact and the like: raised below if one of the method's cells is still to run
+    return found
+
+
+def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: list[dict],
+             skipped: dict[str, str]) -> dict:
     return {
         "recipe": recipe.name,
         "pool": [{"index": i, "name": candidate_name(c), "role": c.role, "source": c.source}
@@ -74,6 +88,7 @@ def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: li
         "tasks": [{"name": t.name, "type": t.type, "split": t.split, "n": len(t)} for t in tasks],
         "seeds": list(recipe.eval.seeds),
         "cells": cells,
+        "not_applicable": skipped,
     }
 
 
@@ -87,6 +102,10 @@ def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "result
     tasks = eval_tasks(recipe)
     folder = eval_dir(recipe)
     check_sources(recipe.pool)
+    skipped = inapplicable(methods, tasks[0].name) if recipe.eval.skip_inapplicable else {}
+    methods = [m for m in methods if m.name not in skipped]
+    for name, reason in skipped.items():
+        print(f"eval: leaving out {name}: {reason}")
     ours = (folder / "results.json").is_file() or (folder / "cells").is_dir()
     replace = check_output(folder, overwrite=overwrite, ours=ours)  # a folder that is not an eval folder
     plan = [(m, t, seed, cell_path(folder, m.name, t.name, t.split, seed), cell_fingerprint(recipe, m, t, seed))
@@ -120,8 +139,8 @@ def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "result
             cells.append({"method": method.name, "task": task.name, "split": task.split, "seed": seed,
                           "n": len(rows), "mean": float(np.mean([r["score"] for r in rows])) if rows else None,
                           "path": str(path.relative_to(folder))})
-            write_json_atomic(folder / summary, _summary(recipe, methods, tasks, cells))
+            write_json_atomic(folder / summary, _summary(recipe, methods, tasks, cells, skipped))
     ctx.hold("", lambda: None)  # closes the last policy
     print(f"eval: {len(generated) - len(pending)} cached and {len(pending)} new cells; results in "
           f"{folder / summary}")
-    return _summary(recipe, methods, tasks, cells)
+    return _summary(recipe, methods, tasks, cells, skipped)

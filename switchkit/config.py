@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message is one line naming the key."""
 
 
+class NotApplicable(ConfigError):
+    """A method cannot run on this pool (a token mixture over different tokenizers, a weight merge across
+    architectures): ``eval.skip_inapplicable`` leaves it out with this message as its reason."""
+
+
 @dataclass
 class CandidateConfig:
     """One checkpoint of the pool. ``source`` is a hub id, a local HF dir, a ``.gguf`` file or ``demo:NAME``."""
@@ -244,6 +249,8 @@ class EvalConfig:
     # "switcher.KEY:V1,V2,...": the trained-switcher methods run once per value (see parse_sweep)
     sweep: Optional[str] = None
     executor: Literal["local", "ray"] = "local"  # ray: every cell to generate as a Ray task
+    # a method that cannot run on this pool (NotApplicable) is left out, its reason in results.json and the report
+    skip_inapplicable: bool = False
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from .backends import HFBackend, Sampling, sample_tokens
-from .config import ConfigError, PoolConfig, Recipe, candidate_name
+from .config import ConfigError, NotApplicable, PoolConfig, Recipe, candidate_name
 from .cost import charge, empty_cost
 from .engine import derive_seed
 from .models import encode_query
@@ -52,14 +52,14 @@ def check_shared_tokenizer(pool: PoolConfig, method: str) -> None:
         raise ConfigError(f"method {method}: cannot read the pool's tokenizers: {str(exc).splitlines()[0]}") from None
     odd = [name for name, tok in zip(names[1:], toks[1:]) if not tokenizers_match(toks[0], tok)]
     if odd:
-        raise ConfigError(f"method {method} mixes next-token logits, so the pool must share one tokenizer: "
+        raise NotApplicable(f"method {method} mixes next-token logits, so the pool must share one tokenizer: "
                           f"{', '.join(odd)} tokenize differently from {names[0]} (a text-level pool)")
 
 
 def check_mixable(engine: "SwitchEngine", method: str) -> None:
     """A one-line error unless the engine can run a token mixture: one shared tokenizer and the HF backend."""
     if engine.pool.mode != "token":
-        raise ConfigError(f"method {method} mixes next-token logits, so the pool must share one tokenizer; "
+        raise NotApplicable(f"method {method} mixes next-token logits, so the pool must share one tokenizer; "
                           f"this pool is text-level ({', '.join(c.name for c in engine.pool.candidates)} use "
                           "different tokenizers)")
     if not isinstance(engine.backend, HFBackend):

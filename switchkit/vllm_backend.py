@@ -316,8 +316,3 @@ class VLLMBackend(Backend):
         if live:
             self._generate(slot, live, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), 1)
         return [None] * len(contexts)
-
-    def prefix_cache_stats(self, slot: int) -> dict[str, float]:
-        """vLLM's prefix-cache counters of the slot's engine (queries and hits, in tokens)."""
-        names = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
-        return {m.name.split(":")[1]: m.value for m in self._llm(slot).get_metrics() if m.name in names}

@@ -384,10 +384,28 @@ def test_report_shows_cost_next_to_quality(tmp_path, dirs):
 def test_baselines_recipe_refuses_token_and_weight_methods_on_the_demo_pool(tmp_path):
     for method, fragment in (("logit-merge", "must share one tokenizer"), ("greedy-soup", "one architecture")):
         recipe = load_recipe("baselines", [f"run_dir={tmp_path}", f"eval.output={tmp_path}/b",
-                                           f"eval.methods=[{method}]"])
+                                           f"eval.methods=[{method}]", "eval.skip_inapplicable=false"])
         with pytest.raises(ConfigError, match=fragment):
             eval_command(recipe)
     assert not (tmp_path / "b" / "cells").exists()
+
+
+def test_skip_inapplicable_leaves_out_what_the_pool_cannot_run_and_reports_why(tmp_path, dirs):
+    methods = ["single", "logit-merge", "proxy-tuning", "greedy-soup", "dare-ties"]
+    path = recipe_file(tmp_path, [dirs["other_tok"], dirs["aligned"]], methods, baselines={"proxy_models": [0, 1]})
+    with pytest.raises(ConfigError, match="must share one tokenizer"):  # named without the flag: an error
+        eval_command(load_recipe(path))
+    summary = eval_command(load_recipe(path, ["eval.skip_inapplicable=true"]))
+    assert [m["name"] for m in summary["methods"]] == ["single:other_tok", "single:aligned"]
+    reasons = summary["not_applicable"]
+    assert list(reasons) == methods[1:]
+    assert "must share one tokenizer" in reasons["logit-merge"] and "one architecture" in reasons["dare-ties"]
+    rep = build_report(tmp_path / "run" / "eval")
+    text = render_markdown(rep, [])
+    assert "## Methods not run on this pool" in text and "| greedy-soup | not run on this pool (below) |" in text
+    # a mistake that is not the pool's (a missing router) still stops the run
+    with pytest.raises(ConfigError, match="train-router"):
+        eval_command(load_recipe(path, ["eval.skip_inapplicable=true", "eval.methods=[trained-router]"]))
 
 
 def test_text_exchanges_and_routing_on_a_text_level_pool(tmp_path, dirs):
