@@ -23,9 +23,9 @@ import argparse
 import json
 
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
 
 from switchkit.io import read_jsonl
+from switchkit.policies import shift_aligned, top_p_probs
 
 SETTINGS = 2001
 
@@ -39,10 +39,9 @@ def decisions(rows: list[dict]) -> torch.Tensor:
 
 
 def share_with_bias(probs: torch.Tensor, aligned: int, bias: float, top_p: float) -> float:
-    logits = probs.clamp_min(1e-30).log()
-    logits[:, aligned] += bias
-    kept = TopPLogitsWarper(top_p)(None, logits.log_softmax(-1)).softmax(-1)
-    return float(kept[:, aligned].mean())
+    """The aligned model's expected share of decisions at ``bias``, sampled as SwitcherPolicy.choose does."""
+    logprobs = shift_aligned(probs.clamp_min(1e-30).log().log_softmax(-1), aligned, bias)
+    return float(top_p_probs(logprobs, top_p)[:, aligned].mean())
 
 
 def share_with_threshold(probs: torch.Tensor, aligned: int, threshold: float) -> float:

@@ -63,13 +63,10 @@ def recipe_setup(name: str, prompts: int, overrides: list[str]) -> tuple[Recipe,
     return recipe, SwitchEngine(load_pool(recipe.pool), recipe.generation), queries
 
 
-def generate(engine: SwitchEngine, policy, queries: list[str], batch_size: int) -> tuple[list[dict], float, float]:
-    """``toolkit generate``'s path: the engine in batches of ``batch_size``; (records, wall s, CPU s)."""
+def generate(engine: SwitchEngine, policy, queries: list[str]) -> tuple[list[dict], float, float]:
+    """``toolkit generate``'s path: the engine, in batches of ``generation.batch_size``; (records, wall s, CPU s)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    records = []
-    for first in range(0, len(queries), batch_size):
-        batch = list(range(first, min(first + batch_size, len(queries))))
-        records += engine.generate([queries[i] for i in batch], policy, [item_seed(i, 0) for i in batch])
+    records = engine.generate(queries, policy, [item_seed(i, 0) for i in range(len(queries))])
     return records, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -123,9 +120,9 @@ def main() -> None:
         with serving(recipe, engine) as (app, loop, catalog), running(app) as url:
             model = args.model or ("switch" if "switch" in catalog.policies else "untuned")
             policy = catalog.resolve(model)
-            generate(engine, policy, queries[:2], recipe.generation.batch_size)  # warm-up
+            generate(engine, policy, queries[:2])  # warm-up
             serve(url, model, queries[:2], 2)
-            records, t_gen, cpu_gen = generate(engine, policy, queries, recipe.generation.batch_size)
+            records, t_gen, cpu_gen = generate(engine, policy, queries)
             results = {c: serve(url, model, queries, c) for c in CLIENTS}
     n = tokens(records)
     gen_tps = n / t_gen

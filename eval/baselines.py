@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from switchkit.artifacts import META_FILE, eval_dir, merged_dir, router_dir
+from switchkit.artifacts import META_FILE, artifact_stamp, eval_dir, merged_dir, router_dir
 from switchkit.config import ConfigError, NotApplicable, Recipe, TaskConfig
 from switchkit.cost import combine
 from switchkit.engine import SwitchEngine, derive_seed
@@ -55,6 +55,13 @@ class TrainedRouterMethod(PolicyMethod):
 
     def artifact(self, task: str) -> Path:
         return (Path(self.arg) if self.arg else router_dir(self.recipe)) / META_FILE
+
+    def check(self, task: str) -> None:
+        Method.check(self, task)  # the router exists, before any model loads
+        super().check(task)
+
+    def stamp(self, task: str) -> str:
+        return artifact_stamp(self.artifact(task).parent)  # a retrained router makes new cells
 
 
 # ---------------------------------------------------------------- text exchange
@@ -200,6 +207,8 @@ class ProxyTuningMethod(PolicyMethod):
 
     def check(self, task: str) -> None:
         proxy_pair(self.recipe, self.arg)  # named models must be candidates; unnamed ones are ranked on dev
+        if len(self.recipe.pool.candidates) < 2:
+            raise NotApplicable("method proxy-tuning needs at least 2 candidates (a best and a worst)")
         check_shared_tokenizer(self.recipe.pool, self.kind)
 
     def stamp(self, task: str) -> str:
@@ -209,8 +218,6 @@ class ProxyTuningMethod(PolicyMethod):
     def policy(self, ctx, task):
         if proxy_pair(self.recipe, self.arg) is not None:
             return super().policy(ctx, task)
-        if len(self.recipe.pool.candidates) < 2:
-            raise ConfigError("method proxy-tuning needs at least 2 candidates (a best and a worst)")
         if task not in self._ranked:
             self._ranked[task] = ranking(dev_scores(ctx, task))
         order = self._ranked[task]

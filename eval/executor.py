@@ -22,10 +22,10 @@ def run_cell(recipe: Recipe, method: str, task: str, split: str, seed: int, over
     from switchkit.artifacts import eval_dir
     from switchkit.runner import run_items, task_items
 
-    from .methods import Context, build_methods
-    from .run import _generate, cell_fingerprint, cell_path, eval_tasks
+    from .methods import Context
+    from .run import _generate, cell_fingerprint, cell_path, eval_methods, eval_tasks
 
-    chosen = next(m for m in build_methods(recipe) if m.name == method)
+    chosen = next(m for m in eval_methods(recipe) if m.name == method)
     data = next(t for t in eval_tasks(recipe) if t.name == task and t.split == split)
     ctx = Context(recipe, sorted({(e.id, e.query) for e in data.examples}))
     try:

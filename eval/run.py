@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from switchkit.artifacts import eval_dir
-from switchkit.config import ConfigError, NotApplicable, Recipe, candidate_name, to_dict
+from switchkit.config import NotApplicable, Recipe, candidate_name, to_dict
 from switchkit.io import check_output, clear_output, read_jsonl, write_json_atomic, write_jsonl_atomic
 from switchkit.models import check_sources
 from switchkit.runner import fingerprint, is_finished, run_items, scored, task_items
@@ -43,6 +43,11 @@ def cell_path(folder: Path, method: str, task: str, split: str, seed: int) -> Pa
     return Path(folder) / "cells" / slug(method) / slug(task) / slug(split) / f"seed{seed}.jsonl"
 
 
+def eval_methods(recipe: Recipe) -> list[Method]:
+    """Every method of ``eval.methods``, the switch methods once per ``eval.sweep`` value."""
+    return sweep_methods(recipe, build_methods(recipe))
+
+
 def eval_tasks(recipe: Recipe) -> list[Task]:
     """Every (task, split) of the eval (``eval.tasks``, else ``tasks``), examples limited to ``eval.limit``."""
     return load_tasks(recipe.eval.tasks or recipe.tasks, splits=recipe.eval.splits, limit=recipe.eval.limit,
@@ -61,19 +66,6 @@ def _generate(ctx: Context, method: Method, task: Task):
         return [{**r, "method": method.name, "task": task.name, "split": task.split} for r in records]
 
     return scored(task, run)
-
-
-def inapplicable(methods: list[Method], task: str) -> dict[str, str]:
-    """The methods that cannot run on this pool (:class:`NotApplicable`), each with the reason."""
-    found = {}
-    for method in methods:
-        try:
-            method.check(task)
-        except NotApplicable as exc:
-            found[method.name] = str(exc)
-        except ConfigError:
-            pass  # a missing artifact and the like: raised below if one of the method's cells is still to run
-    return found
 
 
 def _summary(recipe: Recipe, methods: list[Method], tasks: list[Task], cells: list[dict],
@@ -98,22 +90,32 @@ def eval_command(recipe: Recipe, overwrite: bool = False, summary: str = "result
     Raises :class:`ConfigError` for an unknown method, a missing artifact, a cell saved under other settings or
     an eval folder that is not one (the last two unless ``overwrite``), before anything loads.
     """
-    methods = sweep_methods(recipe, build_methods(recipe))
+    methods = eval_methods(recipe)
     tasks = eval_tasks(recipe)
     folder = eval_dir(recipe)
     check_sources(recipe.pool)
-    skipped = inapplicable(methods, tasks[0].name) if recipe.eval.skip_inapplicable else {}
-    methods = [m for m in methods if m.name not in skipped]
-    for name, reason in skipped.items():
-        print(f"eval: leaving out {name}: {reason}")
     ours = (folder / "results.json").is_file() or (folder / "cells").is_dir()
     replace = check_output(folder, overwrite=overwrite, ours=ours)  # a folder that is not an eval folder
     plan = [(m, t, seed, cell_path(folder, m.name, t.name, t.split, seed), cell_fingerprint(recipe, m, t, seed))
             for m in methods for t in tasks for seed in recipe.eval.seeds]
     generated = [cell for cell in plan if not cell[0].computed]
     pending = [cell for cell in generated if not is_finished(cell[3], cell[4], overwrite)]
+    skipped: dict[str, str] = {}  # eval.skip_inapplicable: method -> why this pool cannot run it
+    checked: set[tuple[str, str]] = set()
     for method, task, *_ in pending:
-        method.check(task.name)
+        if method.name in skipped or (method.name, task.name) in checked:  # once per method and task, not per seed
+            continue
+        checked.add((method.name, task.name))
+        try:
+            method.check(task.name)
+        except NotApplicable as exc:  # never has a finished cell, so every rerun checks it again
+            if not recipe.eval.skip_inapplicable:
+                raise
+            skipped[method.name] = str(exc)
+            print(f"eval: leaving out {method.name}: {exc}")
+    if skipped:
+        methods = [m for m in methods if m.name not in skipped]
+        plan, generated, pending = ([c for c in part if c[0].name not in skipped] for part in (plan, generated, pending))
     if replace:
         clear_output(folder)
     if recipe.eval.executor == "ray" and pending:  # generate them as Ray tasks; the loop below reads them back

@@ -141,6 +141,21 @@ class SinglePolicy(Policy):
         return [(model, one_hot(n, model)) for _ in seqs]
 
 
+def shift_aligned(logprobs: torch.Tensor, aligned: int, bias: float) -> torch.Tensor:
+    """``[batch, n]`` switcher log-probabilities with the aligned model's id shifted by ``bias`` and renormalised
+    (``switcher.aligned_bias``, the cost knob); unchanged at 0."""
+    if not bias:
+        return logprobs
+    logprobs = logprobs.clone()
+    logprobs[:, aligned] += bias
+    return logprobs.log_softmax(-1)
+
+
+def top_p_probs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The distribution a decision is sampled from: ``logprobs`` cut to their top-p nucleus (``switcher.top_p``)."""
+    return TopPLogitsWarper(top_p)(None, logprobs).softmax(-1)
+
+
 class SwitcherPolicy(Policy):
     """An LM switcher: the selector prompt in its format, one forward pass, a softmax over the n model-id
     logits, then top-p (or greedy).
@@ -180,14 +195,12 @@ class SwitcherPolicy(Policy):
 
     def choose(self, engine, seqs):
         logprobs = self.logprobs(seqs) if seqs else torch.empty(0, self.n)
-        if self.aligned_bias:  # shift the aligned model's id logit; the probabilities recorded are the shifted ones
-            logprobs = logprobs.clone()
-            logprobs[:, self.engine.pool.aligned_index] += self.aligned_bias
-            logprobs = logprobs.log_softmax(-1)
+        # the probabilities recorded are the shifted ones
+        logprobs = shift_aligned(logprobs, self.engine.pool.aligned_index, self.aligned_bias)
         probs = logprobs.softmax(-1)
         if self.greedy:
             return [(int(p.argmax()), p.tolist()) for p in probs]
-        kept = TopPLogitsWarper(self.top_p)(None, logprobs).softmax(-1)
+        kept = top_p_probs(logprobs, self.top_p)
         return [(int(torch.multinomial(k, 1, generator=s.generator)), p.tolist()) for s, k, p in zip(seqs, kept, probs)]
 
     def close(self):

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .batching import BatchLoop, Job
-from .config import ConfigError, GenerationConfig, Recipe
+from .config import ConfigError, GenerationConfig, Recipe, candidate_name
 from .engine import SwitchEngine
-from .policies import Policy, SwitcherPolicy, make_policy
+from .policies import Policy, SwitcherPolicy, check_policy, make_policy
 from .runner import item_seed
 
 MAX_CHOICES = 64  # prompts x n in one request
@@ -61,6 +61,20 @@ class APIError(Exception):
 # ---------------------------------------------------------------- models
 
 
+def check_names(recipe: Recipe) -> None:
+    """No pool candidate may take a served policy's name."""
+    clash = sorted({"switch", "random", "untuned"} & {candidate_name(c) for c in recipe.pool.candidates})
+    if clash:
+        raise ConfigError(f"pool candidate name {clash[0]!r} is also a served policy: rename it (pool.candidates.N.name)")
+
+
+def serves_switch(recipe: Recipe, switcher: Optional[str] = None) -> bool:
+    """Whether ``switch`` is served: a trained switcher is given (``switcher=``, ``switcher.path``) or exported."""
+    from .artifacts import switcher_dir
+
+    return bool(switcher or recipe.switcher.path or switcher_dir(recipe).exists())
+
+
 class Catalog:
     """The served models: ``switch`` (when a trained switcher is given or exported), ``random``, ``untuned``, and
     each candidate by name; ``NAME[aligned_bias=B]`` is switcher policy ``NAME`` with the cost knob at ``B``."""
@@ -68,14 +82,11 @@ class Catalog:
     def __init__(self, recipe: Recipe, engine: SwitchEngine, switcher: Optional[str] = None):
         from .artifacts import switcher_dir
 
+        check_names(recipe)
         candidates = [c.name for c in engine.pool.candidates]
-        clash = sorted({"switch", "random", "untuned"} & set(candidates))
-        if clash:
-            raise ConfigError(f"pool candidate name {clash[0]!r} is also a served policy: rename it (pool.candidates.N.name)")
         self.policies: dict[str, Policy] = {}
         self.note = ""
-        given = switcher or recipe.switcher.path
-        if given or switcher_dir(recipe).exists():
+        if serves_switch(recipe, switcher):
             self.policies["switch"] = make_policy(recipe, engine, "trained", switcher)
         else:
             self.note = (f"no trained switcher at {switcher_dir(recipe)}: `switch` is not served (run `toolkit "
@@ -457,8 +468,12 @@ def serve_command(recipe: Recipe, switcher: Optional[str] = None, host: str = "1
             pass
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another port=N or host=") from None
-    from .models import load_pool
+    from .models import check_sources, load_pool
 
+    check_sources(recipe.pool)
+    check_names(recipe)
+    if serves_switch(recipe, switcher):
+        check_policy(recipe, "trained", switcher)
     engine = SwitchEngine(load_pool(recipe.pool, recipe.generation.backend), recipe.generation)
     with serving(recipe, engine, switcher) as (app, _, catalog):
         if catalog.note:
