@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from switchkit.artifacts import META_FILE, artifact_stamp, eval_dir, merged_dir, router_dir
-from switchkit.config import ConfigError, NotApplicable, Recipe, TaskConfig
+from switchkit.config import ConfigError, NotApplicable, Recipe, TaskConfig, aligned_index
 from switchkit.cost import combine
 from switchkit.engine import SwitchEngine, derive_seed
 from switchkit.mixing import ProxyTuning, check_shared_tokenizer, proxy_pair, proxy_weights
@@ -240,6 +240,10 @@ class WeightMerge(Method):
 
     _checked = False
 
+    def __init__(self, recipe: Recipe, arg=None):
+        super().__init__(recipe, arg)
+        self._folders: dict[str, Path] = {}  # task -> its merged model, found or made once
+
     def check(self, task: str) -> None:
         """The candidates must share one architecture: checked from their configs, before any model loads."""
         if self._checked:
@@ -255,7 +259,9 @@ class WeightMerge(Method):
         raise NotImplementedError
 
     def generate(self, ctx, task, queries, seeds):
-        folder = self.folder(ctx, task)
+        if task not in self._folders:
+            self._folders[task] = self.folder(ctx, task)
+        folder = self._folders[task]
         engine = ctx.hold(f"merged:{folder}", lambda: merged_engine(self.recipe, folder, self.kind))
         return engine.generate(queries, SinglePolicy(0), seeds)
 
@@ -285,8 +291,6 @@ class DareTies(WeightMerge):
 
 
 def _aligned(recipe: Recipe) -> int:
-    from switchkit.config import aligned_index
-
     return aligned_index([c.role for c in recipe.pool.candidates])
 
 
