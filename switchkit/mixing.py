@@ -46,8 +46,8 @@ def check_shared_tokenizer(pool: PoolConfig, method: str) -> None:
 
     names = [candidate_name(c) for c in pool.candidates]
     try:
-        toks = [AutoTokenizer.from_pretrained(hf_source(c, pool), trust_remote_code=pool.trust_remote_code)
-                for c in pool.candidates]
+        toks = [AutoTokenizer.from_pretrained(hf_source(c, pool), trust_remote_code=pool.trust_remote_code,
+                                              revision=c.revision) for c in pool.candidates]
     except (OSError, ValueError) as exc:
         raise ConfigError(f"method {method}: cannot read the pool's tokenizers: {str(exc).splitlines()[0]}") from None
     odd = [name for name, tok in zip(names[1:], toks[1:]) if not tokenizers_match(toks[0], tok)]

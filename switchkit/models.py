@@ -179,15 +179,20 @@ def load_tokenizer(source: str, *, gguf_file: Optional[str] = None, cache_dir: O
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
     with _load_errors(source, gguf_file):
         if gguf_file:
-            converted = cache_dir / "gguf" / _gguf_cache_key(source, gguf_file)
-            if not (converted / "config.json").is_file():
-                _convert_gguf(source, gguf_file, converted, kwargs)
-            source = str(converted)
+            source = _converted(source, gguf_file, cache_dir, kwargs)
             kwargs = dict(trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return source, tokenizer, kwargs
+
+
+def _converted(source: str, gguf_file: str, cache_dir: Path, kwargs: dict) -> str:
+    """The cached HF folder of a GGUF checkpoint, converted on first use."""
+    converted = cache_dir / "gguf" / _gguf_cache_key(source, gguf_file)
+    if not (converted / "config.json").is_file():
+        _convert_gguf(source, gguf_file, converted, kwargs)
+    return str(converted)
 
 
 def _convert_gguf(directory: str, gguf_file: str, target: Path, kwargs: dict) -> None:
@@ -331,13 +336,10 @@ def hf_source(cand: CandidateConfig, cfg: PoolConfig) -> str:
     source, gguf_file = resolve_source(cand, cache_dir)
     if not gguf_file:
         return source
-    converted = cache_dir / "gguf" / _gguf_cache_key(source, gguf_file)
-    if not (converted / "config.json").is_file():
-        try:
-            _convert_gguf(source, gguf_file, converted, dict(trust_remote_code=cfg.trust_remote_code))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"cannot convert {source}/{gguf_file}: {str(exc).strip().splitlines()[0]}") from None
-    return str(converted)
+    try:
+        return _converted(source, gguf_file, cache_dir, dict(trust_remote_code=cfg.trust_remote_code))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot convert {source}/{gguf_file}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def load_pool(cfg: PoolConfig, backend: str = "hf") -> Pool:
